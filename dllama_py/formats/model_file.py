@@ -1,0 +1,314 @@
+"""distributed-llama `.m` model files: the tensor list, a memory-mapped reader and a streaming writer.
+
+Layout (../shared/dllama-format.md section 1): int32 magic, int32 header size, (key, value) int32
+pairs, then the tensors back to back with no names, padding or trailer. The order and the float
+type of every tensor follow from the header alone; `tensor_specs` computes them and both the
+reader and the writer use it.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+import numpy as np
+import numpy.typing as npt
+
+from dllama_py.config import ConfigError, FloatType, ModelConfig
+
+MAGIC = 0x0A00ABCD
+OLD_MAGICS = (0xABCD00, 0xABCD01)
+
+
+class ModelFormatError(ValueError):
+    """A `.m` file is malformed or unsupported; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor of a `.m` file: its name (e.g. `layers.3.wq`), shape (rows, cols) and encoding.
+
+    Vectors (norm weights) have shape (1, n).
+    """
+
+    name: str
+    shape: tuple[int, int]
+    float_type: FloatType
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes on disk."""
+        return self.float_type.tensor_bytes(*self.shape)
+
+    @property
+    def storage_shape(self) -> tuple[int, int]:
+        """Shape of the stored array: (rows, cols) for f32/f16, (rows, cols/32*block_bytes) for q40/q80."""
+        rows, cols = self.shape
+        return rows, self.float_type.row_elements(cols)
+
+
+def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
+    """The tensors of a model in file order, as distributed-llama's converter writes them.
+
+    Embedding, norms, q/k norms and the MoE router are f32; every other matrix uses
+    `config.weight_float_type`. Returns a list of TensorSpec; raises ConfigError when a matrix
+    row is not a whole number of quantization blocks.
+    """
+    wt, f32 = config.weight_float_type, FloatType.F32
+    dim, ff = config.dim, config.ff_dim
+    specs = [TensorSpec("embedding", (config.vocab_size, dim), f32)]
+    for layer in range(config.n_layers):
+        p = f"layers.{layer}."
+        specs += [
+            TensorSpec(p + "wq", (config.q_dim, dim), wt),
+            TensorSpec(p + "wk", (config.kv_dim, dim), wt),
+            TensorSpec(p + "wv", (config.kv_dim, dim), wt),
+            TensorSpec(p + "wo", (dim, config.q_dim), wt),
+        ]
+        if config.is_moe:
+            specs.append(TensorSpec(p + "router", (config.n_experts, dim), f32))
+            for expert in range(config.n_experts):
+                e = f"{p}experts.{expert}."
+                specs += [TensorSpec(e + "w1", (ff, dim), wt), TensorSpec(e + "w2", (dim, ff), wt),
+                          TensorSpec(e + "w3", (ff, dim), wt)]
+        else:  # gate, down, up: distributed-llama's order
+            specs += [TensorSpec(p + "w1", (ff, dim), wt), TensorSpec(p + "w2", (dim, ff), wt),
+                      TensorSpec(p + "w3", (ff, dim), wt)]
+        if config.has_qk_norm:
+            specs += [TensorSpec(p + "q_norm", (1, config.head_dim), f32),
+                      TensorSpec(p + "k_norm", (1, config.head_dim), f32)]
+        specs += [TensorSpec(p + "attention_norm", (1, dim), f32), TensorSpec(p + "ffn_norm", (1, dim), f32)]
+    specs += [TensorSpec("final_norm", (1, dim), f32), TensorSpec("classifier", (config.vocab_size, dim), wt)]
+    for spec in specs:
+        rows, cols = spec.shape
+        if cols % spec.float_type.block_values:
+            raise ConfigError(f"tensor {spec.name} has rows of {cols} values, not a multiple of "
+                              f"{spec.float_type.block_values}: {spec.float_type.label} cannot store it (use f32 or f16)")
+    return specs
+
+
+def encode_header(config: ModelConfig) -> bytes:
+    """The header bytes (magic, size, key/value pairs) for `config`."""
+    items = config.header_items()
+    body = b"".join(struct.pack("<ii", int(key), value) for key, value in items)
+    return struct.pack("<ii", MAGIC, 8 + len(body)) + body
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """A tensor of an open `.m` file: spec, byte offset in the file, and a read-only numpy view.
+
+    `data` is float32 (rows, cols) for f32, uint16 fp16 bits (rows, cols) for f16, uint8
+    (rows, cols/32*18) for q40 and uint8 (rows, cols/32*34) for q80. No copy is made.
+    """
+
+    spec: TensorSpec
+    offset: int
+    data: np.ndarray
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.spec.shape
+
+    @property
+    def float_type(self) -> FloatType:
+        return self.spec.float_type
+
+
+def _parse_header(path: Path, head: bytes, file_size: int) -> tuple[int, list[tuple[int, int]]]:
+    """Check magic and header size; return (header_size, [(key, value), ...])."""
+    if file_size < 8:
+        raise ModelFormatError(f"{path}: {file_size} bytes is too small for a model header (need at least 8)")
+    magic, header_size = struct.unpack_from("<iI", head, 0)
+    if magic in OLD_MAGICS:
+        raise ModelFormatError(f"{path}: old model format (magic 0x{magic:X}); convert the model again "
+                               f"with convert-hf")
+    if magic != MAGIC:
+        raise ModelFormatError(f"{path}: bad magic 0x{magic & 0xFFFFFFFF:08X}, expected 0x{MAGIC:08X}: "
+                               f"not a distributed-llama model file")
+    if header_size < 8 or (header_size - 8) % 8:
+        raise ModelFormatError(f"{path}: header size {header_size} is not 8 + 8*K")
+    if header_size > file_size:
+        raise ModelFormatError(f"{path}: header size {header_size} is larger than the file ({file_size} bytes)")
+    words = struct.unpack_from(f"<{(header_size - 8) // 4}i", head, 8)
+    return header_size, list(zip(words[0::2], words[1::2]))
+
+
+class ModelFile:
+    """A `.m` file opened read-only and memory-mapped; tensors are views into the mapping.
+
+    Use as a context manager or call `close()`; views must not be used after closing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        """Open and validate `path`; raises ModelFormatError naming the file and the problem,
+        OSError when it cannot be read."""
+        self.path = Path(path)
+        with open(self.path, "rb") as file:
+            file_size = os.fstat(file.fileno()).st_size
+            head = file.read(8)
+            if len(head) == 8:  # read the whole header (its size is the second word)
+                head += file.read(min(struct.unpack_from("<I", head, 4)[0], file_size) - 8)
+            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if file_size else None
+        self.file_size = file_size
+        self.header_size, self.header = _parse_header(self.path, head, file_size)
+        try:
+            self.config = ModelConfig.from_header(self.header)
+            specs = tensor_specs(self.config)
+        except ConfigError as error:
+            raise ModelFormatError(f"{self.path}: {error}") from None
+        expected = self.header_size + sum(spec.nbytes for spec in specs)
+        if file_size < expected:
+            start = self.header_size
+            for spec in specs:
+                if start + spec.nbytes > file_size:
+                    raise ModelFormatError(
+                        f"{self.path}: truncated: tensor {spec.name} needs bytes {start}..{start + spec.nbytes} "
+                        f"but the file ends at {file_size}; expected {expected} bytes, found {file_size}")
+                start += spec.nbytes
+        if file_size > expected:
+            raise ModelFormatError(f"{self.path}: size does not match the header: expected {expected} bytes, "
+                                   f"found {file_size} ({file_size - expected} extra bytes)")
+        raw = np.frombuffer(self._map, dtype=np.uint8) if self._map is not None else np.zeros(0, np.uint8)
+        self.tensors: dict[str, Tensor] = {}
+        offset = self.header_size
+        for spec in specs:
+            view = raw[offset:offset + spec.nbytes].view(spec.float_type.storage_dtype).reshape(spec.storage_shape)
+            self.tensors[spec.name] = Tensor(spec, offset, view)
+            offset += spec.nbytes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        """The stored array of tensor `name` (see Tensor.data for dtype and shape)."""
+        try:
+            return self.tensors[name].data
+        except KeyError:
+            raise KeyError(f"{self.path}: no tensor named {name!r}") from None
+
+    def __iter__(self) -> Iterator[Tensor]:
+        return iter(self.tensors.values())
+
+    def close(self) -> None:
+        """Drop the tensor views and unmap the file."""
+        self.tensors = {}
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:  # views still exported: the mapping goes when they do
+                pass
+            self._map = None
+
+    def __enter__(self) -> ModelFile:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+
+def read_model(path: str | os.PathLike[str]) -> ModelFile:
+    """Open a `.m` file (memory-mapped, validated). Returns a ModelFile; raises ModelFormatError."""
+    return ModelFile(path)
+
+
+class ModelWriter:
+    """Writes a `.m` file tensor by tensor, in `tensor_specs` order, to `path + '.tmp'`, then renames.
+
+    Each tensor arrives as already-encoded arrays (see `write_encoded`) or as float32 values encoded
+    here (`write`); rows may come in several chunks so that memory stays bounded.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], config: ModelConfig) -> None:
+        """Create the temporary file and write the header for `config`."""
+        self.path = Path(path)
+        self.config = config
+        self.specs = tensor_specs(config)
+        self._tmp = self.path.with_name(self.path.name + ".tmp")
+        self._file = open(self._tmp, "wb")
+        self._file.write(encode_header(config))
+        self._index = 0  # next tensor to write
+        self._rows_done = 0  # rows of that tensor written so far
+        self.bytes_written = 0
+
+    @property
+    def next_spec(self) -> TensorSpec | None:
+        """The tensor expected next, or None when all are written."""
+        return self.specs[self._index] if self._index < len(self.specs) else None
+
+    def write_encoded(self, name: str, rows: npt.NDArray) -> None:
+        """Append encoded rows of tensor `name`: an array of shape (n, storage cols) in the storage dtype
+        (float32, uint16 fp16 bits, or uint8 blocks). Chunks of one tensor must arrive in order."""
+        spec = self.next_spec
+        if spec is None or spec.name != name:
+            raise ValueError(f"expected tensor {spec.name if spec else '(none, file complete)'}, got {name}")
+        rows = np.ascontiguousarray(rows, dtype=spec.float_type.storage_dtype)
+        if rows.ndim != 2 or rows.shape[1] != spec.storage_shape[1]:
+            raise ValueError(f"{name}: rows of shape {rows.shape} do not fit storage shape {spec.storage_shape}")
+        if self._rows_done + rows.shape[0] > spec.shape[0]:
+            raise ValueError(f"{name}: more than {spec.shape[0]} rows written")
+        self._file.write(memoryview(rows).cast("B"))
+        self.bytes_written += rows.nbytes
+        self._rows_done += rows.shape[0]
+        if self._rows_done == spec.shape[0]:
+            self._index += 1
+            self._rows_done = 0
+
+    def write(self, name: str, values: npt.NDArray[np.float32]) -> None:
+        """Encode float32 rows (n, cols) of tensor `name` to its float type and append them."""
+        spec = self.next_spec
+        ft = spec.float_type if spec is not None and spec.name == name else FloatType.F32
+        self.write_encoded(name, encode_rows(np.asarray(values, dtype=np.float32), ft))
+
+    def close(self) -> None:
+        """Finish: check every tensor was written, flush and rename the temporary file into place."""
+        if self.next_spec is not None:
+            self.abort()
+            raise ValueError(f"{self.path}: tensor {self.specs[self._index].name} was not written")
+        self._file.close()
+        os.replace(self._tmp, self.path)
+
+    def abort(self) -> None:
+        """Close and delete the temporary file."""
+        self._file.close()
+        self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ModelWriter:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def encode_rows(values: npt.NDArray[np.float32], float_type: FloatType) -> np.ndarray:
+    """Encode float32 rows (n, cols) to `float_type` storage: float32 (n, cols), uint16 (n, cols),
+    or uint8 (n, cols/32*18 | cols/32*34). Quantization and fp16 run in the C++ core."""
+    if float_type == FloatType.F32:
+        return values
+    from dllama_py import _core  # imported here so f32 files work without the extension
+
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if float_type == FloatType.F16:
+        return _core.f32_to_f16(values)
+    if float_type == FloatType.Q40:
+        return _core.quantize_q40(values)
+    return _core.quantize_q80(values)
+
+
+def write_model(path: str | os.PathLike[str], config: ModelConfig,
+                tensors: Iterable[tuple[str, npt.NDArray[np.float32]]]) -> None:
+    """Write a whole `.m` file from (name, float32 (rows, cols) array) pairs in `tensor_specs` order."""
+    with ModelWriter(path, config) as writer:
+        for name, values in tensors:
+            writer.write(name, values)
