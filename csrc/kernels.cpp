@@ -1,0 +1,129 @@
+// Threaded entry points for quantization and matmul: split the work over the pool and call
+// the active SIMD path.
+#include <cstring>
+#include <vector>
+
+#include "kernels.hpp"
+#include "ops.hpp"
+#include "thread_pool.hpp"
+
+namespace dllama {
+
+#if !defined(DLLAMA_HAVE_X86)
+const KernelTable* kernels_avx2() { return nullptr; }
+const KernelTable* kernels_avx512() { return nullptr; }
+const KernelTable* kernels_avx512vnni() { return nullptr; }
+#endif
+#if !defined(DLLAMA_HAVE_NEON)
+const KernelTable* kernels_neon() { return nullptr; }
+#endif
+
+namespace {
+
+// Below this many elements of work an op runs on the calling thread alone.
+constexpr size_t kMinParallelWork = 1 << 14;
+
+template <typename F>
+void parallel_blocks(size_t n_blocks, size_t work, F&& fn) {
+    ThreadPool& pool = global_pool();
+    if (pool.size() == 1 || work < kMinParallelWork) {
+        fn(size_t{0}, n_blocks);
+        return;
+    }
+    pool.run([&](int t, int nt) {
+        int64_t b, e;
+        split_range(static_cast<int64_t>(n_blocks), t, nt, 1, &b, &e);
+        if (b < e) fn(static_cast<size_t>(b), static_cast<size_t>(e));
+    });
+}
+
+// Per-caller scratch for prepared Q80 inputs, grown once to the largest batch seen.
+struct PrepScratch {
+    std::vector<float> scale;
+    std::vector<int32_t> bias;
+};
+thread_local PrepScratch t_prep;
+
+PreparedQ80 prepare_q80(const BlockQ80* x, size_t n_blocks_total, int offset) {
+    PrepScratch& s = t_prep;
+    if (s.scale.size() < n_blocks_total) s.scale.resize(n_blocks_total);
+    for (size_t i = 0; i < n_blocks_total; i++) s.scale[i] = f16_lut(x[i].d);
+    PreparedQ80 p{x, s.scale.data(), nullptr};
+    if (offset != 0) {
+        if (s.bias.size() < n_blocks_total * 8) s.bias.resize(n_blocks_total * 8);
+        int32_t* bias = s.bias.data();
+        for (size_t i = 0; i < n_blocks_total; i++) {
+            const int8_t* q = x[i].qs;
+            for (int l = 0; l < 8; l++)
+                bias[i * 8 + l] = -offset * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+        }
+        p.bias = bias;
+    }
+    return p;
+}
+
+// Split output rows over the pool in multiples of 4 (the SIMD row tile).
+template <typename F>
+void parallel_rows(int rows, size_t work, F&& fn) {
+    ThreadPool& pool = global_pool();
+    if (pool.size() == 1 || work < kMinParallelWork) {
+        fn(0, rows);
+        return;
+    }
+    pool.run([&](int t, int nt) {
+        int64_t b, e;
+        split_range(rows, t, nt, 4, &b, &e);
+        if (b < e) fn(static_cast<int>(b), static_cast<int>(e));
+    });
+}
+
+}  // namespace
+
+void quantize_q40(const float* x, BlockQ40* y, size_t n_blocks) {
+    parallel_blocks(n_blocks, n_blocks * QK, [&](size_t b, size_t e) { quantize_q40_ref(x + b * QK, y + b, e - b); });
+}
+void dequantize_q40(const BlockQ40* x, float* y, size_t n_blocks) {
+    parallel_blocks(n_blocks, n_blocks * QK, [&](size_t b, size_t e) { dequantize_q40_ref(x + b, y + b * QK, e - b); });
+}
+void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
+    const KernelTable& k = active_kernels();
+    parallel_blocks(n_blocks, n_blocks * QK, [&](size_t b, size_t e) { k.quantize_q80(x + b * QK, y + b, e - b); });
+}
+void dequantize_q80(const BlockQ80* x, float* y, size_t n_blocks) {
+    parallel_blocks(n_blocks, n_blocks * QK, [&](size_t b, size_t e) { dequantize_q80_ref(x + b, y + b * QK, e - b); });
+}
+void convert_f32_to_f16(const float* x, uint16_t* y, size_t n) {
+    parallel_blocks(n, n, [&](size_t b, size_t e) {
+        for (size_t i = b; i < e; i++) y[i] = f32_to_f16(x[i]);
+    });
+}
+void convert_f16_to_f32(const uint16_t* x, float* y, size_t n) {
+    parallel_blocks(n, n, [&](size_t b, size_t e) {
+        for (size_t i = b; i < e; i++) y[i] = f16_lut(x[i]);
+    });
+}
+
+void matmul_f32_f32_f32(const float* x, const float* w, float* y, int B, int rows, int cols) {
+    const KernelTable& k = active_kernels();
+    parallel_rows(rows, static_cast<size_t>(rows) * cols,
+                  [&](int r0, int r1) { k.matmul_f32_f32_f32(x, w, y, B, rows, cols, r0, r1); });
+}
+void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int rows, int cols) {
+    const KernelTable& k = active_kernels();
+    parallel_rows(rows, static_cast<size_t>(rows) * cols,
+                  [&](int r0, int r1) { k.matmul_f32_f16_f32(x, w, y, B, rows, cols, r0, r1); });
+}
+void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks) {
+    const KernelTable& k = active_kernels();
+    const PreparedQ80 p = prepare_q80(x, static_cast<size_t>(B) * n_blocks, k.q40_bias_offset);
+    parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
+                  [&](int r0, int r1) { k.matmul_q80_q40_f32(p, w, y, B, rows, n_blocks, r0, r1); });
+}
+void matmul_q80_q80_f32(const BlockQ80* x, const BlockQ80* w, float* y, int B, int rows, int n_blocks) {
+    const KernelTable& k = active_kernels();
+    const PreparedQ80 p = prepare_q80(x, static_cast<size_t>(B) * n_blocks, k.q80_bias_offset);
+    parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
+                  [&](int r0, int r1) { k.matmul_q80_q80_f32(p, w, y, B, rows, n_blocks, r0, r1); });
+}
+
+}  // namespace dllama

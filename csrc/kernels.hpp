@@ -1,0 +1,52 @@
+// Matmul and hot float kernels, one table per SIMD path, chosen at run time.
+// Naming follows distributed-llama: matmul_<input>_<weight>_<output>.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "quants.hpp"
+
+namespace dllama {
+
+// A batch of Q80 input rows, prepared once per matmul for integer dot products.
+// bias[b][k][lane] (8 lanes per block) = -offset * (sum of the 4 int8 values x[4*lane..4*lane+3])
+// where offset is what the weight kernel adds to make its weights unsigned (8 for Q40, 128 for Q80).
+struct PreparedQ80 {
+    const BlockQ80* blocks;  // [B][nb]
+    const float* scale;      // [B][nb] the blocks' fp16 scales as f32
+    const int32_t* bias;     // [B][nb][8], may be null for paths that do not use it
+};
+
+// Single-threaded kernels over output rows [r0, r1); x has B rows, y is [B][rows].
+struct KernelTable {
+    const char* name;
+    void (*matmul_f32_f32_f32)(const float* x, const float* w, float* y, int B, int rows, int cols, int r0, int r1);
+    void (*matmul_f32_f16_f32)(const float* x, const uint16_t* w, float* y, int B, int rows, int cols, int r0,
+                               int r1);
+    void (*matmul_q80_q40_f32)(const PreparedQ80& x, const BlockQ40* w, float* y, int B, int rows, int nb, int r0,
+                               int r1);
+    void (*matmul_q80_q80_f32)(const PreparedQ80& x, const BlockQ80* w, float* y, int B, int rows, int nb, int r0,
+                               int r1);
+    void (*quantize_q80)(const float* x, BlockQ80* y, size_t n_blocks);
+    float (*dot_f32)(const float* a, const float* b, int n);
+    void (*axpy_f32)(float a, const float* x, float* y, int n);  // y += a * x
+    // Offset each weight kernel adds to make weights unsigned; PreparedQ80::bias is built with
+    // it (0: the kernel reads no bias).
+    int q40_bias_offset;
+    int q80_bias_offset;
+};
+
+const KernelTable* kernels_scalar();
+const KernelTable* kernels_avx2();        // null when not compiled in
+const KernelTable* kernels_avx512();      // AVX-512 F/BW/VL/DQ without VNNI
+const KernelTable* kernels_avx512vnni();  // AVX-512 with VNNI
+const KernelTable* kernels_neon();
+
+// The table in use (set by cpu_features.cpp from the CPU, DLLAMA_ISA or set_isa()).
+const KernelTable& active_kernels();
+
+// Scalar helpers shared by the SIMD paths for their tails.
+float dot_q80_q40_block(const BlockQ80& x, const BlockQ40& w);
+float dot_q80_q80_block(const BlockQ80& x, const BlockQ80& w);
+
+}  // namespace dllama

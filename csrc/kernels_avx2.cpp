@@ -1,0 +1,188 @@
+// AVX2 + FMA + F16C kernels: one 32-value block per 256-bit register.
+#include <immintrin.h>
+
+#include "kernels.hpp"
+
+namespace dllama {
+namespace avx2 {
+namespace {
+
+inline __m256i madd_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+inline float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+struct WeightBlock {
+    __m256i u;     // unsigned operand
+    __m256i sgn;   // Q80: the raw weights, whose signs move onto x
+    __m256 scale;
+};
+
+template <bool Q80W>
+inline WeightBlock load_weight(const char* wrow, int k) {
+    WeightBlock p;
+    if constexpr (Q80W) {
+        const BlockQ80& w = reinterpret_cast<const BlockQ80*>(wrow)[k];
+        p.sgn = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.qs));
+        p.u = _mm256_abs_epi8(p.sgn);
+        p.scale = _mm256_set1_ps(_cvtsh_ss(w.d));
+    } else {
+        const BlockQ40& w = reinterpret_cast<const BlockQ40*>(wrow)[k];
+        const __m128i q = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w.qs));
+        const __m128i m = _mm_set1_epi8(0x0f);
+        p.u = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(q, 4), m), _mm_and_si128(q, m));
+        p.sgn = p.u;
+        p.scale = _mm256_set1_ps(_cvtsh_ss(w.d));
+    }
+    return p;
+}
+
+template <bool Q80W, int RT, int BT>
+inline void tile(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* y, int rows, int nb, int r, int b) {
+    __m256 acc[RT][BT];
+    for (int i = 0; i < RT; i++)
+        for (int j = 0; j < BT; j++) acc[i][j] = _mm256_setzero_ps();
+    for (int k = 0; k < nb; k++) {
+        WeightBlock wb[RT];
+        for (int i = 0; i < RT; i++) wb[i] = load_weight<Q80W>(w + (r + i) * wrow_bytes, k);
+        for (int j = 0; j < BT; j++) {
+            const size_t xi = static_cast<size_t>(b + j) * nb + k;
+            const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.blocks[xi].qs));
+            const __m256 dx = _mm256_broadcast_ss(x.scale + xi);
+            for (int i = 0; i < RT; i++) {
+                __m256i d;
+                if constexpr (Q80W) {
+                    d = madd_u8s8(wb[i].u, _mm256_sign_epi8(xv, wb[i].sgn));
+                } else {
+                    const __m256i bias = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.bias + xi * 8));
+                    d = _mm256_add_epi32(madd_u8s8(wb[i].u, xv), bias);
+                }
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_mul_ps(wb[i].scale, dx), acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < RT; i++)
+        for (int j = 0; j < BT; j++) y[static_cast<size_t>(b + j) * rows + r + i] = hsum(acc[i][j]);
+}
+
+template <bool Q80W, int RT, int BT>
+inline void rows_loop(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* y, int B, int rows, int nb,
+                      int r0, int r1) {
+    int r = r0;
+    for (; r + RT <= r1; r += RT) {
+        int b = 0;
+        for (; b + BT <= B; b += BT) tile<Q80W, RT, BT>(x, w, wrow_bytes, y, rows, nb, r, b);
+        for (; b < B; b++) tile<Q80W, RT, 1>(x, w, wrow_bytes, y, rows, nb, r, b);
+    }
+    for (; r < r1; r++)
+        for (int b = 0; b < B; b++) tile<Q80W, 1, 1>(x, w, wrow_bytes, y, rows, nb, r, b);
+}
+
+template <bool Q80W, typename WBlock>
+void matmul_q80(const PreparedQ80& x, const WBlock* w, float* y, int B, int rows, int nb, int r0, int r1) {
+    const char* wb = reinterpret_cast<const char*>(w);
+    const size_t wrow = sizeof(WBlock) * static_cast<size_t>(nb);
+    if (B == 1) rows_loop<Q80W, 4, 1>(x, wb, wrow, y, B, rows, nb, r0, r1);
+    else rows_loop<Q80W, 2, 4>(x, wb, wrow, y, B, rows, nb, r0, r1);
+}
+
+void matmul_q80_q40_f32(const PreparedQ80& x, const BlockQ40* w, float* y, int B, int rows, int nb, int r0, int r1) {
+    matmul_q80<false>(x, w, y, B, rows, nb, r0, r1);
+}
+void matmul_q80_q80_f32(const PreparedQ80& x, const BlockQ80* w, float* y, int B, int rows, int nb, int r0, int r1) {
+    matmul_q80<true>(x, w, y, B, rows, nb, r0, r1);
+}
+
+float dot_f32(const float* a, const float* b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+float dot_f16_f32(const uint16_t* a, const float* b, int n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
+                             _mm256_loadu_ps(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i + 8))),
+                             _mm256_loadu_ps(b + i + 8), s1);
+    }
+    for (; i + 8 <= n; i += 8)
+        s0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(a + i))),
+                             _mm256_loadu_ps(b + i), s0);
+    float s = hsum(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += _cvtsh_ss(a[i]) * b[i];
+    return s;
+}
+
+void axpy_f32(float a, const float* x, float* y, int n) {
+    const __m256 va = _mm256_set1_ps(a);
+    int i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(va, _mm256_loadu_ps(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * x[i];
+}
+
+void matmul_f32_f32_f32(const float* x, const float* w, float* y, int B, int rows, int cols, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int b = 0; b < B; b++)
+            y[static_cast<size_t>(b) * rows + r] = dot_f32(w + static_cast<size_t>(r) * cols, x + static_cast<size_t>(b) * cols, cols);
+}
+
+void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int rows, int cols, int r0, int r1) {
+    for (int r = r0; r < r1; r++)
+        for (int b = 0; b < B; b++)
+            y[static_cast<size_t>(b) * rows + r] =
+                dot_f16_f32(w + static_cast<size_t>(r) * cols, x + static_cast<size_t>(b) * cols, cols);
+}
+
+void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (size_t k = 0; k < n_blocks; k++) {
+        __m256 v[4];
+        __m256 m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + k * QK + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        const float d = _mm_cvtss_f32(h) / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[k].d = static_cast<uint16_t>(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
+        const __m256 vid = _mm256_set1_ps(id);
+        __m256i q[4];
+        for (int i = 0; i < 4; i++) q[i] = _mm256_cvtps_epi32(_mm256_mul_ps(v[i], vid));  // half to even
+        const __m256i p01 = _mm256_packs_epi32(q[0], q[1]), p23 = _mm256_packs_epi32(q[2], q[3]);
+        __m256i p = _mm256_packs_epi16(p01, p23);
+        // undo the lane interleaving of the packs
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(y[k].qs), p);
+    }
+}
+
+const KernelTable kTable = {
+    "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
+    quantize_q80, dot_f32, axpy_f32, 8, 0,
+};
+
+}  // namespace
+}  // namespace avx2
+
+const KernelTable* kernels_avx2() { return &avx2::kTable; }
+
+}  // namespace dllama

@@ -1,0 +1,58 @@
+// Every op of a Llama / Qwen3 / Qwen3-MoE forward pass, batched over B rows and split over the
+// global thread pool. Shapes are given as [rows][cols], row-major, float32 unless said.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "quants.hpp"
+
+namespace dllama {
+
+// ---- quantization (threaded over blocks) ----
+void quantize_q40(const float* x, BlockQ40* y, size_t n_blocks);
+void dequantize_q40(const BlockQ40* x, float* y, size_t n_blocks);
+void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks);
+void dequantize_q80(const BlockQ80* x, float* y, size_t n_blocks);
+void convert_f32_to_f16(const float* x, uint16_t* y, size_t n);
+void convert_f16_to_f32(const uint16_t* x, float* y, size_t n);
+
+// ---- matmul y[B][rows] = x[B][cols] * w[rows][cols]^T (threaded over rows) ----
+void matmul_f32_f32_f32(const float* x, const float* w, float* y, int B, int rows, int cols);
+void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int rows, int cols);
+void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks);
+void matmul_q80_q80_f32(const BlockQ80* x, const BlockQ80* w, float* y, int B, int rows, int n_blocks);
+
+// ---- elementwise and normalisation ----
+// y[r] = w * x[r] / sqrt(mean(x[r]^2) + eps) for each of n_rows rows of length n (y may be x).
+void rms_norm(const float* x, const float* w, float* y, int n_rows, int n, float eps);
+void silu(float* x, size_t n);                 // x * sigmoid(x), in place
+void gelu(float* x, size_t n);                 // exact (erf) GELU, in place
+void mul(float* x, const float* y, size_t n);  // x *= y
+void add(float* x, const float* y, size_t n);  // x += y
+void softmax(float* x, int n_rows, int n);     // each row in place
+// Rows of the embedding table: out[b] = table[ids[b]]; throws on an id outside [0, vocab).
+void embedding(const float* table, int vocab, int dim, const int32_t* ids, int B, float* out);
+
+// ---- RoPE ----
+// inv_freq[j] for j < head_dim/2: theta^(-2j/head_dim), with Llama 3.1 smoothing when
+// scaling_factor != 1 (low/high frequency factors and the original context length).
+void rope_frequencies(float* inv_freq, int head_dim, float theta, float scaling_factor, float low_freq_factor,
+                      float high_freq_factor, int original_max_seq_len);
+enum class RopeStyle { Interleaved = 0, RotateHalf = 1 };
+// x is [B][n_heads * head_dim]; row b is at position positions[b]. Interleaved rotates pairs
+// (x[2j], x[2j+1]) (Meta Llama layout); RotateHalf rotates (x[j], x[j + head_dim/2]) (Qwen3, HF).
+void rope(float* x, const int32_t* positions, int B, int n_heads, int head_dim, const float* inv_freq,
+          RopeStyle style);
+
+// ---- attention ----
+// Causal multi-head attention with grouped KV heads over a KV cache [seq_len][n_kv_heads*head_dim].
+// q and out are [B][n_heads*head_dim]; row b attends to cache rows 0..positions[b].
+void attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* positions, int B,
+               int n_heads, int n_kv_heads, int head_dim, int seq_len, float* out);
+
+// ---- mixture of experts ----
+// Softmax over each row of router logits [B][n_experts], then the top k experts by probability
+// (ties: lower index first); weights renormalised to sum to 1 when normalize is true.
+void moe_gate(const float* logits, int B, int n_experts, int k, bool normalize, int32_t* indices, float* weights);
+
+}  // namespace dllama

@@ -1,0 +1,127 @@
+#include "quants.hpp"
+
+#include <cmath>
+#include <cstring>
+
+namespace dllama {
+
+float g_f16_table[65536];
+
+uint16_t f32_to_f16(float f) {
+    uint32_t x;
+    std::memcpy(&x, &f, 4);
+    const uint32_t sign = (x >> 16) & 0x8000u;
+    const uint32_t exp = (x >> 23) & 0xffu;
+    uint32_t mant = x & 0x7fffffu;
+    if (exp == 0xff) {  // inf or nan
+        return static_cast<uint16_t>(sign | 0x7c00u | (mant ? 0x200u : 0u));
+    }
+    int e = static_cast<int>(exp) - 127 + 15;
+    if (e >= 0x1f) return static_cast<uint16_t>(sign | 0x7c00u);  // overflow -> inf
+    if (e <= 0) {  // subnormal half (or zero)
+        if (e < -10) return static_cast<uint16_t>(sign);
+        mant |= 0x800000u;
+        const int shift = 14 - e;
+        uint32_t half = mant >> shift;
+        const uint32_t rem = mant & ((1u << shift) - 1);
+        const uint32_t mid = 1u << (shift - 1);
+        if (rem > mid || (rem == mid && (half & 1u))) half++;
+        return static_cast<uint16_t>(sign | half);
+    }
+    uint32_t half = (static_cast<uint32_t>(e) << 10) | (mant >> 13);
+    const uint32_t rem = mant & 0x1fffu;
+    if (rem > 0x1000u || (rem == 0x1000u && (half & 1u))) half++;  // may carry into exponent: correct
+    return static_cast<uint16_t>(sign | half);
+}
+
+float f16_to_f32(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t mant = h & 0x3ffu;
+    uint32_t x;
+    if (exp == 0) {
+        if (mant == 0) {
+            x = sign;
+        } else {  // subnormal: normalise
+            int e = -1;
+            do {
+                e++;
+                mant <<= 1;
+            } while (!(mant & 0x400u));
+            x = sign | (static_cast<uint32_t>(127 - 15 - e) << 23) | ((mant & 0x3ffu) << 13);
+        }
+    } else if (exp == 0x1f) {
+        x = sign | 0x7f800000u | (mant << 13);
+    } else {
+        x = sign | ((exp + 127 - 15) << 23) | (mant << 13);
+    }
+    float f;
+    std::memcpy(&f, &x, 4);
+    return f;
+}
+
+namespace {
+struct TableInit {
+    TableInit() {
+        for (uint32_t i = 0; i < 65536; i++) g_f16_table[i] = f16_to_f32(static_cast<uint16_t>(i));
+    }
+} g_table_init;
+}  // namespace
+
+void quantize_q40_ref(const float* x, BlockQ40* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float* v = x + b * QK;
+        // The element of largest magnitude, sign kept (first one on ties).
+        float amax = 0.0f, max = 0.0f;
+        for (int j = 0; j < QK; j++) {
+            if (std::fabs(v[j]) > amax) {
+                amax = std::fabs(v[j]);
+                max = v[j];
+            }
+        }
+        const float d = max / -8.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        y[b].d = f32_to_f16(d);
+        for (int j = 0; j < QK / 2; j++) {
+            float a = v[j] * id + 8.5f;
+            float c = v[j + QK / 2] * id + 8.5f;
+            a = a < 0.0f ? 0.0f : (a > 15.0f ? 15.0f : a);
+            c = c < 0.0f ? 0.0f : (c > 15.0f ? 15.0f : c);
+            y[b].qs[j] = static_cast<uint8_t>(static_cast<int>(a) | (static_cast<int>(c) << 4));
+        }
+    }
+}
+
+void dequantize_q40_ref(const BlockQ40* x, float* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float d = f16_lut(x[b].d);
+        float* o = y + b * QK;
+        for (int j = 0; j < QK / 2; j++) {
+            o[j] = static_cast<float>((x[b].qs[j] & 0x0f) - 8) * d;
+            o[j + QK / 2] = static_cast<float>((x[b].qs[j] >> 4) - 8) * d;
+        }
+    }
+}
+
+void quantize_q80_ref(const float* x, BlockQ80* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float* v = x + b * QK;
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = std::fmax(amax, std::fabs(v[j]));
+        const float d = amax / 127.0f;
+        const float id = d != 0.0f ? 1.0f / d : 0.0f;  // from the f32 d, not the fp16-rounded one
+        y[b].d = f32_to_f16(d);
+        for (int j = 0; j < QK; j++) {
+            y[b].qs[j] = static_cast<int8_t>(std::nearbyint(v[j] * id));  // half to even
+        }
+    }
+}
+
+void dequantize_q80_ref(const BlockQ80* x, float* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float d = f16_lut(x[b].d);
+        for (int j = 0; j < QK; j++) y[b * QK + j] = static_cast<float>(x[b].qs[j]) * d;
+    }
+}
+
+}  // namespace dllama

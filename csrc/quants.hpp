@@ -1,0 +1,37 @@
+// Quantized block formats, byte-compatible with distributed-llama (dllama-format.md section 2).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace dllama {
+
+constexpr int QK = 32;  // values per Q40 / Q80 block
+
+// Q40: 32 values in 18 bytes. Byte j holds element j (low nibble) and j+16 (high nibble);
+// value = (nibble - 8) * d.
+struct BlockQ40 {
+    uint16_t d;  // fp16 scale
+    uint8_t qs[QK / 2];
+};
+// Q80: 32 values in 34 bytes, value = q * d.
+struct BlockQ80 {
+    uint16_t d;  // fp16 scale
+    int8_t qs[QK];
+};
+static_assert(sizeof(BlockQ40) == 18, "Q40 block must be 18 bytes");
+static_assert(sizeof(BlockQ80) == 34, "Q80 block must be 34 bytes");
+
+// IEEE half <-> float, round to nearest even (the same bits as F16C and numpy).
+uint16_t f32_to_f16(float f);
+float f16_to_f32(uint16_t h);
+// Lookup table filled at load time: fp16 bits -> float.
+extern float g_f16_table[65536];
+inline float f16_lut(uint16_t h) { return g_f16_table[h]; }
+
+// Reference (scalar) quantizers over whole blocks; n_blocks blocks of 32 values each.
+void quantize_q40_ref(const float* x, BlockQ40* y, size_t n_blocks);
+void dequantize_q40_ref(const BlockQ40* x, float* y, size_t n_blocks);
+void quantize_q80_ref(const float* x, BlockQ80* y, size_t n_blocks);
+void dequantize_q80_ref(const BlockQ80* x, float* y, size_t n_blocks);
+
+}  // namespace dllama
