@@ -157,28 +157,35 @@ class ModelFile:
             file_size = os.fstat(file.fileno()).st_size
             head = file.read(8)
             if len(head) == 8:  # read the whole header (its size is the second word)
-                head += file.read(min(struct.unpack_from("<I", head, 4)[0], file_size) - 8)
-            self._map = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) if file_size else None
-        self.file_size = file_size
-        self.header_size, self.header = _parse_header(self.path, head, file_size)
+                head += file.read(max(0, min(struct.unpack_from("<I", head, 4)[0], file_size) - 8))
+            self.file_size = file_size
+            self.header_size, self.header = _parse_header(self.path, head, file_size)
+            self._map: mmap.mmap | None = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            self._load_tensors()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load_tensors(self) -> None:
         try:
             self.config = ModelConfig.from_header(self.header)
             specs = tensor_specs(self.config)
         except ConfigError as error:
             raise ModelFormatError(f"{self.path}: {error}") from None
         expected = self.header_size + sum(spec.nbytes for spec in specs)
-        if file_size < expected:
+        if self.file_size < expected:
             start = self.header_size
             for spec in specs:
-                if start + spec.nbytes > file_size:
+                if start + spec.nbytes > self.file_size:
                     raise ModelFormatError(
                         f"{self.path}: truncated: tensor {spec.name} needs bytes {start}..{start + spec.nbytes} "
-                        f"but the file ends at {file_size}; expected {expected} bytes, found {file_size}")
+                        f"but the file ends at {self.file_size}; expected {expected} bytes, found {self.file_size}")
                 start += spec.nbytes
-        if file_size > expected:
+        if self.file_size > expected:
             raise ModelFormatError(f"{self.path}: size does not match the header: expected {expected} bytes, "
-                                   f"found {file_size} ({file_size - expected} extra bytes)")
-        raw = np.frombuffer(self._map, dtype=np.uint8) if self._map is not None else np.zeros(0, np.uint8)
+                                   f"found {self.file_size} ({self.file_size - expected} extra bytes)")
+        raw = np.frombuffer(self._map, dtype=np.uint8)
         self.tensors: dict[str, Tensor] = {}
         offset = self.header_size
         for spec in specs:
