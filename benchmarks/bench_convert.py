@@ -32,13 +32,32 @@ UPSTREAM = {"seconds": 223.0, "peak_gb": 9.0}
 
 # Llama 3.2 1B's config.json fields (weights here are random)
 HF_CONFIG: dict[str, Any] = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
-    "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-    "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-5, "rope_theta": 500000.0, "tie_word_embeddings": True, "torch_dtype": "bfloat16",
-    "attention_bias": False, "mlp_bias": False, "bos_token_id": 128000, "eos_token_id": 128001,
-    "rope_scaling": {"factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_act": "silu",
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "vocab_size": 128256,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16",
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 128000,
+    "eos_token_id": 128001,
+    "rope_scaling": {
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
 }
 
 
@@ -51,11 +70,15 @@ def model_tensors(cfg: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
     for layer in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{layer}."
         tensors += [
-            (p + "self_attn.q_proj.weight", (q_dim, dim)), (p + "self_attn.k_proj.weight", (kv_dim, dim)),
-            (p + "self_attn.v_proj.weight", (kv_dim, dim)), (p + "self_attn.o_proj.weight", (dim, q_dim)),
-            (p + "mlp.gate_proj.weight", (hidden, dim)), (p + "mlp.up_proj.weight", (hidden, dim)),
+            (p + "self_attn.q_proj.weight", (q_dim, dim)),
+            (p + "self_attn.k_proj.weight", (kv_dim, dim)),
+            (p + "self_attn.v_proj.weight", (kv_dim, dim)),
+            (p + "self_attn.o_proj.weight", (dim, q_dim)),
+            (p + "mlp.gate_proj.weight", (hidden, dim)),
+            (p + "mlp.up_proj.weight", (hidden, dim)),
             (p + "mlp.down_proj.weight", (dim, hidden)),
-            (p + "input_layernorm.weight", (dim,)), (p + "post_attention_layernorm.weight", (dim,)),
+            (p + "input_layernorm.weight", (dim,)),
+            (p + "post_attention_layernorm.weight", (dim,)),
         ]
     return tensors + [("model.norm.weight", (dim,))]
 
@@ -97,13 +120,22 @@ def ensure_model(cache: Path) -> Path:
 
 def run_convert(model: Path, float_type: str, output: Path, threads: int | None) -> tuple[float, int]:
     """Run convert-hf in a subprocess; returns (wall seconds, peak RSS bytes of the subprocess)."""
-    command = [sys.executable, "-m", "converter.convert_hf", str(model), float_type, "bench",
-               "--output", str(output), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "converter.convert_hf",
+        str(model),
+        float_type,
+        "bench",
+        "--output",
+        str(output),
+        "--quiet",
+    ]
     if threads:
         command += ["--threads", str(threads)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
     start = time.perf_counter()
-    result = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    result = subprocess.run(command, check=False, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         sys.exit(f"convert-hf failed ({result.returncode}): {result.stderr.strip()}")
@@ -112,12 +144,21 @@ def run_convert(model: Path, float_type: str, output: Path, threads: int | None)
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; prints a table and optionally writes JSON. Returns 0 when targets are met, 1 if not."""
+    """Run the benchmark; prints a table and optionally writes JSON.
+    Returns 0 when the targets are met, 1 if not."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "dllama-py" / "bench",
-                        help="folder for the generated input model (default: ~/.cache/dllama-py/bench)")
-    parser.add_argument("--float-type", default="q40", choices=["f32", "f16", "q40", "q80"],
-                        help="output weight type (default: q40)")
+    parser.add_argument(
+        "--cache",
+        type=Path,
+        default=Path.home() / ".cache" / "dllama-py" / "bench",
+        help="folder for the generated input model (default: ~/.cache/dllama-py/bench)",
+    )
+    parser.add_argument(
+        "--float-type",
+        default="q40",
+        choices=["f32", "f16", "q40", "q80"],
+        help="output weight type (default: q40)",
+    )
     parser.add_argument("--threads", type=int, help="quantization threads (default: all cores)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON here")
     args = parser.parse_args(argv)
@@ -130,19 +171,31 @@ def main(argv: list[str] | None = None) -> int:
         output_bytes = output.stat().st_size
     ok = seconds < TARGET_SECONDS and peak < TARGET_PEAK_BYTES
     results = {
-        "benchmark": "convert-hf", "model": MODEL_NAME, "float_type": args.float_type,
-        "input_bytes": input_bytes, "output_bytes": output_bytes, "seconds": round(seconds, 2),
-        "peak_rss_bytes": peak, "input_gb_per_s": round(input_bytes / seconds / 1e9, 3),
-        "targets": {"seconds": TARGET_SECONDS, "peak_rss_bytes": TARGET_PEAK_BYTES}, "targets_met": ok,
-        "distributed_llama": UPSTREAM, "cpu_count": os.cpu_count(), "machine": platform.machine(),
+        "benchmark": "convert-hf",
+        "model": MODEL_NAME,
+        "float_type": args.float_type,
+        "input_bytes": input_bytes,
+        "output_bytes": output_bytes,
+        "seconds": round(seconds, 2),
+        "peak_rss_bytes": peak,
+        "input_gb_per_s": round(input_bytes / seconds / 1e9, 3),
+        "targets": {"seconds": TARGET_SECONDS, "peak_rss_bytes": TARGET_PEAK_BYTES},
+        "targets_met": ok,
+        "distributed_llama": UPSTREAM,
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
         "python": platform.python_version(),
     }
-    rows = [("model", MODEL_NAME), ("float type", args.float_type),
-            ("input (bf16)", f"{input_bytes / 2**30:.2f} GiB"), ("output", f"{output_bytes / 2**30:.2f} GiB"),
-            ("wall time", f"{seconds:.1f} s  (target < {TARGET_SECONDS:.0f} s; distributed-llama 223 s)"),
-            ("peak RSS", f"{peak / 1e9:.2f} GB  (target < 2 GB; distributed-llama 9 GB)"),
-            ("read speed", f"{input_bytes / seconds / 1e9:.2f} GB/s of input"),
-            ("targets met", "yes" if ok else "NO")]
+    rows = [
+        ("model", MODEL_NAME),
+        ("float type", args.float_type),
+        ("input (bf16)", f"{input_bytes / 2**30:.2f} GiB"),
+        ("output", f"{output_bytes / 2**30:.2f} GiB"),
+        ("wall time", f"{seconds:.1f} s  (target < {TARGET_SECONDS:.0f} s; distributed-llama 223 s)"),
+        ("peak RSS", f"{peak / 1e9:.2f} GB  (target < 2 GB; distributed-llama 9 GB)"),
+        ("read speed", f"{input_bytes / seconds / 1e9:.2f} GB/s of input"),
+        ("targets met", "yes" if ok else "NO"),
+    ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -33,7 +33,8 @@ Transform = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]
 
 def rotate_half_to_interleaved(rows: npt.NDArray[np.float32], head_dim: int) -> npt.NDArray[np.float32]:
     """Permute q/k projection rows (n_heads*head_dim, cols) from HF's rotate-half order to Meta's
-    interleaved pairs, head by head: row h*hd + 2i + j <- row h*hd + j*hd/2 + i. `rows` must hold whole heads."""
+    interleaved pairs, head by head: row h*hd + 2i + j <- row h*hd + j*hd/2 + i.
+    `rows` must hold whole heads; returns a new float32 array of the same shape."""
     n_rows, cols = rows.shape
     heads = rows.reshape(n_rows // head_dim, 2, head_dim // 2, cols)  # (heads, half, pair, cols)
     return heads.swapaxes(1, 2).reshape(n_rows, cols)
@@ -54,8 +55,10 @@ def plan_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint, tied: b
     hd = config.head_dim
     permute: Transform | None = None
     if config.arch == ArchType.LLAMA:  # Qwen3 keeps rotate-half order (Falcon RoPE at run time)
+
         def permute(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
             return rotate_half_to_interleaved(rows, hd)
+
     sources = {"embedding": Source("model.embed_tokens.weight"), "final_norm": Source("model.norm.weight")}
     use_embedding = tied or "lm_head.weight" not in checkpoint
     sources["classifier"] = Source("model.embed_tokens.weight" if use_embedding else "lm_head.weight")
@@ -78,30 +81,42 @@ def plan_sources(config: ModelConfig, checkpoint: SafetensorsCheckpoint, tied: b
     return sources
 
 
-def check_sources(specs: list[TensorSpec], sources: dict[str, Source], checkpoint: SafetensorsCheckpoint,
-                  ) -> list[str]:
+def check_sources(
+    specs: list[TensorSpec],
+    sources: dict[str, Source],
+    checkpoint: SafetensorsCheckpoint,
+) -> list[str]:
     """Check that every needed HF tensor exists with the expected shape and that no bias is present.
     Returns the names of ignored HF tensors; raises ConversionError."""
     biases = sorted(name for name in checkpoint.tensors if name.endswith(".bias"))
     if biases:
-        raise ConversionError(f"{checkpoint.folder}: the model has bias tensors ({biases[0]}, ... {len(biases)} "
-                              f"in all); biases are not supported")
+        raise ConversionError(
+            f"{checkpoint.folder}: the model has bias tensors ({biases[0]}, ... {len(biases)} "
+            f"in all); biases are not supported"
+        )
     used = set()
     for spec in specs:
         source = sources[spec.name]
         if source.hf_name not in checkpoint:
-            raise ConversionError(f"{checkpoint.folder}: tensor {source.hf_name} is missing (needed for "
-                                  f"{spec.name})")
+            raise ConversionError(
+                f"{checkpoint.folder}: tensor {source.hf_name} is missing (needed for {spec.name})"
+            )
         found = checkpoint.tensors[source.hf_name].rows_cols
         if found != spec.shape:
-            raise ConversionError(f"{checkpoint.folder}: tensor {source.hf_name} has shape {list(found)}, "
-                                  f"expected {list(spec.shape)} from config.json")
+            raise ConversionError(
+                f"{checkpoint.folder}: tensor {source.hf_name} has shape {list(found)}, "
+                f"expected {list(spec.shape)} from config.json"
+            )
         used.add(source.hf_name)
     return sorted(set(checkpoint.tensors) - used)
 
 
-def convert_chunks(checkpoint: SafetensorsCheckpoint, source: Source, rows: int, cols: int,
-                   ) -> Iterator[npt.NDArray[np.float32]]:
+def convert_chunks(
+    checkpoint: SafetensorsCheckpoint,
+    source: Source,
+    rows: int,
+    cols: int,
+) -> Iterator[npt.NDArray[np.float32]]:
     """Yield the source tensor as float32 row chunks of about CHUNK_BYTES, transformed."""
     step = max(1, CHUNK_BYTES // (4 * cols) // source.row_multiple) * source.row_multiple
     for start in range(0, rows, step):
@@ -137,22 +152,41 @@ def convert(hf_dir: Path, float_type: FloatType, output: Path, progress: bool = 
         sources = plan_sources(config, checkpoint, parsed.tied_embeddings)
         ignored = check_sources(specs, sources, checkpoint)
         if ignored:
-            print(f"convert-hf: warning: ignoring {len(ignored)} tensors not used by the model "
-                  f"({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})", file=sys.stderr)
+            print(
+                f"convert-hf: warning: ignoring {len(ignored)} tensors not used by the model "
+                f"({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})",
+                file=sys.stderr,
+            )
         _write(output, config, specs, sources, checkpoint, progress)
     finally:
         checkpoint.close()
     return config
 
 
-def _write(output: Path, config: ModelConfig, specs: list[TensorSpec], sources: dict[str, Source],
-           checkpoint: SafetensorsCheckpoint, progress: bool) -> None:
+def _write(
+    output: Path,
+    config: ModelConfig,
+    specs: list[TensorSpec],
+    sources: dict[str, Source],
+    checkpoint: SafetensorsCheckpoint,
+    progress: bool,
+) -> None:
     from tqdm import tqdm
 
     total = sum(spec.nbytes for spec in specs)
-    with ModelWriter(output, config) as writer, tqdm(
-            total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="convert-hf", file=sys.stderr,
-            disable=not progress, dynamic_ncols=True) as bar:
+    with (
+        ModelWriter(output, config) as writer,
+        tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="convert-hf",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         for index, spec in enumerate(specs, 1):
             bar.set_postfix_str(f"tensor {index}/{len(specs)} {spec.name}", refresh=False)
             rows, cols = spec.shape
@@ -166,8 +200,10 @@ def _require_core() -> None:
     try:
         from dllama_py import _core  # noqa: F401
     except ImportError:
-        raise ConversionError("f16, q40 and q80 need the C++ extension dllama_py._core, which is not built "
-                              "(run: pip install -e .); f32 works without it") from None
+        raise ConversionError(
+            "f16, q40 and q80 need the C++ extension dllama_py._core, which is not built "
+            "(run: pip install -e .); f32 works without it"
+        ) from None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -180,20 +216,35 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line parser of convert-hf."""
     parser = _Parser(
         prog="convert-hf",
-        description="Convert a Hugging Face model folder (config.json + *.safetensors) to a distributed-llama "
-                    ".m file. Architectures: llama, mistral, qwen3, qwen3_moe.")
-    parser.add_argument("hf_dir", metavar="HF_DIR", type=Path,
-                        help="model folder with config.json and one or more *.safetensors files (with or without "
-                             "model.safetensors.index.json); tensors in f32, f16 or bf16")
-    parser.add_argument("float_type", metavar="FLOAT_TYPE", choices=[t.label for t in FloatType],
-                        help="encoding of the weight matrices: f32, f16, q40 or q80 (embedding and norms stay f32). "
-                             "q40 is what dllama runs fastest")
+        description="Convert a Hugging Face model folder (config.json + *.safetensors) to a "
+        "distributed-llama "
+        ".m file. Architectures: llama, mistral, qwen3, qwen3_moe.",
+    )
+    parser.add_argument(
+        "hf_dir",
+        metavar="HF_DIR",
+        type=Path,
+        help="model folder with config.json and one or more *.safetensors files (with or without "
+        "model.safetensors.index.json); tensors in f32, f16 or bf16",
+    )
+    parser.add_argument(
+        "float_type",
+        metavar="FLOAT_TYPE",
+        choices=[t.label for t in FloatType],
+        help="encoding of the weight matrices: f32, f16, q40 or q80 (embedding and norms stay f32). "
+        "q40 is what dllama runs fastest",
+    )
     parser.add_argument("name", metavar="NAME", help="model name used in the output file name")
-    parser.add_argument("--output", "-o", metavar="PATH", type=Path,
-                        help="where to write the .m file (default: dllama_model_NAME_FLOAT_TYPE.m in the "
-                             "current folder)")
-    parser.add_argument("--threads", metavar="N", type=int,
-                        help="threads for quantization (default: all CPU cores)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        metavar="PATH",
+        type=Path,
+        help="where to write the .m file (default: dllama_model_NAME_FLOAT_TYPE.m in the current folder)",
+    )
+    parser.add_argument(
+        "--threads", metavar="N", type=int, help="threads for quantization (default: all CPU cores)"
+    )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     return parser
 
@@ -215,7 +266,9 @@ def main(argv: list[str] | None = None) -> int:
             _core.set_num_threads(args.threads)
         config = convert(args.hf_dir, float_type, output, progress=not args.quiet)
     except (ConversionError, ModelFormatError, OSError) as error:
-        message = error.strerror + f": {error.filename}" if isinstance(error, OSError) and error.filename else error
+        message = (
+            error.strerror + f": {error.filename}" if isinstance(error, OSError) and error.filename else error
+        )
         print(f"convert-hf: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -223,8 +276,11 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     size = os.path.getsize(output)
     if not args.quiet:
-        print(f"convert-hf: wrote {output} ({size / 2**20:.1f} MiB, {config.arch.name.lower()}, "
-              f"{config.n_layers} layers, weights {float_type.label})", file=sys.stderr)
+        print(
+            f"convert-hf: wrote {output} ({size / 2**20:.1f} MiB, {config.arch.name.lower()}, "
+            f"{config.n_layers} layers, weights {float_type.label})",
+            file=sys.stderr,
+        )
     return 0
 
 

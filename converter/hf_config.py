@@ -40,8 +40,10 @@ def _integer(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise ConversionError(f"config.json: {name} must be a number, got {value!r}")
     if value != int(value):
-        raise ConversionError(f"config.json: {name} = {value} is not a whole number; the .m header stores "
-                              f"integers and truncating would change the model")
+        raise ConversionError(
+            f"config.json: {name} = {value} is not a whole number; the .m header stores "
+            f"integers and truncating would change the model"
+        )
     return int(value)
 
 
@@ -63,13 +65,17 @@ def _rope(hf: dict[str, Any], arch: ArchType) -> dict[str, int]:
     if kind in (None, "default"):
         return result
     if kind != "llama3":
-        raise ConversionError(f"config.json: rope scaling type {kind!r} is not supported (only 'llama3', "
-                              f"as in Llama 3.1-3.3)")
+        raise ConversionError(
+            f"config.json: rope scaling type {kind!r} is not supported (only 'llama3', as in Llama 3.1-3.3)"
+        )
     if arch != ArchType.LLAMA:
         raise ConversionError("config.json: rope scaling 'llama3' is only supported for llama models")
-    keys = {"rope_scaling_factor": "factor", "rope_scaling_low_freq_factor": "low_freq_factor",
-            "rope_scaling_high_freq_factor": "high_freq_factor",
-            "rope_scaling_orig_max_seq_len": "original_max_position_embeddings"}
+    keys = {
+        "rope_scaling_factor": "factor",
+        "rope_scaling_low_freq_factor": "low_freq_factor",
+        "rope_scaling_high_freq_factor": "high_freq_factor",
+        "rope_scaling_orig_max_seq_len": "original_max_position_embeddings",
+    }
     for ours, theirs in keys.items():
         if scaling.get(theirs) is None:
             raise ConversionError(f"config.json: rope scaling 'llama3' needs {theirs}")
@@ -86,8 +92,9 @@ def _norm_epsilon(hf: dict[str, Any], warnings: list[str]) -> float:
     for allowed in (1e-5, 1e-6):
         if math.isclose(eps, allowed, rel_tol=1e-6):
             return allowed
-    raise ConversionError(f"config.json: rms_norm_eps {eps} is not supported (the .m header can only say "
-                          f"1e-5 or 1e-6)")
+    raise ConversionError(
+        f"config.json: rms_norm_eps {eps} is not supported (the .m header can only say 1e-5 or 1e-6)"
+    )
 
 
 def _experts(hf: dict[str, Any], arch: ArchType) -> dict[str, int]:
@@ -97,16 +104,22 @@ def _experts(hf: dict[str, Any], arch: ArchType) -> dict[str, int]:
     if n_experts is None:
         raise ConversionError("config.json: a qwen3_moe model needs num_experts or num_local_experts")
     if hf.get("mlp_only_layers") or hf.get("decoder_sparse_step", 1) != 1:
-        raise ConversionError("config.json: dense layers inside a MoE model (mlp_only_layers, "
-                              "decoder_sparse_step) are not supported: every layer must be MoE")
+        raise ConversionError(
+            "config.json: dense layers inside a MoE model (mlp_only_layers, "
+            "decoder_sparse_step) are not supported: every layer must be MoE"
+        )
     if hf.get("norm_topk_prob", True) is not True:
-        raise ConversionError("config.json: norm_topk_prob false is not supported (routing weights are "
-                              "always renormalised over the top-k experts)")
+        raise ConversionError(
+            "config.json: norm_topk_prob false is not supported (routing weights are "
+            "always renormalised over the top-k experts)"
+        )
     if hf.get("shared_expert_intermediate_size"):
         raise ConversionError("config.json: shared experts are not supported")
-    return {"n_experts": _integer("num_experts", n_experts),
-            "n_active_experts": _required(hf, "num_experts_per_tok"),
-            "moe_hidden_dim": _required(hf, "moe_intermediate_size")}
+    return {
+        "n_experts": _integer("num_experts", n_experts),
+        "n_active_experts": _required(hf, "num_experts_per_tok"),
+        "moe_hidden_dim": _required(hf, "moe_intermediate_size"),
+    }
 
 
 def parse_hf_config(hf: dict[str, Any], float_type: FloatType) -> HfModelConfig:
@@ -118,12 +131,15 @@ def parse_hf_config(hf: dict[str, Any], float_type: FloatType) -> HfModelConfig:
     warnings: list[str] = []
     model_type = hf.get("model_type")
     if model_type not in ARCHS:
-        raise ConversionError(f"config.json: model_type {model_type!r} is not supported (supported: "
-                              f"{', '.join(ARCHS)})")
+        raise ConversionError(
+            f"config.json: model_type {model_type!r} is not supported (supported: {', '.join(ARCHS)})"
+        )
     arch = ARCHS[model_type]
     if hf.get("quantization_config"):
-        raise ConversionError("config.json: the model is already quantized (quantization_config); "
-                              "convert the original bf16/f16/f32 weights")
+        raise ConversionError(
+            "config.json: the model is already quantized (quantization_config); "
+            "convert the original bf16/f16/f32 weights"
+        )
     for key in ("attention_bias", "mlp_bias"):
         if hf.get(key):
             raise ConversionError(f"config.json: {key} is true; biases are not supported")
@@ -132,8 +148,10 @@ def parse_hf_config(hf: dict[str, Any], float_type: FloatType) -> HfModelConfig:
         raise ConversionError(f"config.json: hidden_act {act!r} is not supported (silu or gelu)")
     window = hf.get("sliding_window")
     if window and hf.get("use_sliding_window", True) and window < hf.get("max_position_embeddings", 0):
-        warnings.append(f"config.json: sliding_window {window} is ignored: attention always spans the "
-                        f"whole context, so outputs beyond {window} tokens differ from transformers")
+        warnings.append(
+            f"config.json: sliding_window {window} is ignored: attention always spans the "
+            f"whole context, so outputs beyond {window} tokens differ from transformers"
+        )
     dim, n_heads = _required(hf, "hidden_size"), _required(hf, "num_attention_heads")
     head_dim = hf.get("head_dim")
     try:

@@ -63,11 +63,14 @@ def _read_shard_header(path: Path) -> dict[str, SourceTensor]:
             continue
         dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
         if dtype not in DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 "
-                                  f"are supported")
+            raise ConversionError(
+                f"{path}: tensor {name} has dtype {dtype}; only F32, F16 and BF16 are supported"
+            )
         if end - begin != int(np.prod(shape)) * DTYPES[dtype].itemsize or data_start + end > size:
-            raise ConversionError(f"{path}: tensor {name} has inconsistent offsets {begin}..{end} "
-                                  f"(shape {list(shape)}, file {size} bytes): the file is damaged or truncated")
+            raise ConversionError(
+                f"{path}: tensor {name} has inconsistent offsets {begin}..{end} "
+                f"(shape {list(shape)}, file {size} bytes): the file is damaged or truncated"
+            )
         tensors[name] = SourceTensor(name, path, dtype, shape, data_start + begin)
     return tensors
 
@@ -102,8 +105,9 @@ class SafetensorsCheckpoint:
         for shard in find_shards(self.folder):
             for name, tensor in _read_shard_header(shard).items():
                 if name in self.tensors:
-                    raise ConversionError(f"tensor {name} appears in both {self.tensors[name].path.name} "
-                                          f"and {shard.name}")
+                    raise ConversionError(
+                        f"tensor {name} appears in both {self.tensors[name].path.name} and {shard.name}"
+                    )
                 self.tensors[name] = tensor
         self._files: dict[Path, BinaryIO] = {}
 

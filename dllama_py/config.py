@@ -163,7 +163,16 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ConfigError naming the first field that makes the model impossible."""
-        positive = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "max_seq_len", "head_dim")
+        positive = (
+            "dim",
+            "hidden_dim",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "vocab_size",
+            "max_seq_len",
+            "head_dim",
+        )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
@@ -233,15 +242,28 @@ class ModelConfig:
             values[header_key] = value
         if HeaderKey.WEIGHT_FLOAT_TYPE not in values:
             raise ConfigError("header has no weights_float_type (key 13)")
-        for required in (HeaderKey.ARCH_TYPE, HeaderKey.DIM, HeaderKey.HIDDEN_DIM, HeaderKey.N_LAYERS,
-                         HeaderKey.N_HEADS, HeaderKey.N_KV_HEADS, HeaderKey.VOCAB_SIZE, HeaderKey.MAX_SEQ_LEN):
+        for required in (
+            HeaderKey.ARCH_TYPE,
+            HeaderKey.DIM,
+            HeaderKey.HIDDEN_DIM,
+            HeaderKey.N_LAYERS,
+            HeaderKey.N_HEADS,
+            HeaderKey.N_KV_HEADS,
+            HeaderKey.VOCAB_SIZE,
+            HeaderKey.MAX_SEQ_LEN,
+        ):
             if required not in values:
                 raise ConfigError(f"header has no {required.name.lower()} (key {int(required)})")
         arch = values[HeaderKey.ARCH_TYPE]
         if arch not in ArchType._value2member_map_:
-            raise ConfigError(f"unknown architecture 0x{arch & 0xFFFFFFFF:X} (known: llama, qwen3, qwen3_moe)")
-        checks = ((HeaderKey.WEIGHT_FLOAT_TYPE, FloatType), (HeaderKey.HIDDEN_ACT, HiddenAct),
-                  (HeaderKey.ROPE_TYPE, RopeType))
+            raise ConfigError(
+                f"unknown architecture 0x{arch & 0xFFFFFFFF:X} (known: llama, qwen3, qwen3_moe)"
+            )
+        checks = (
+            (HeaderKey.WEIGHT_FLOAT_TYPE, FloatType),
+            (HeaderKey.HIDDEN_ACT, HiddenAct),
+            (HeaderKey.ROPE_TYPE, RopeType),
+        )
         for key, enum in checks:
             if key in values and values[key] not in enum._value2member_map_:
                 raise ConfigError(f"unknown {key.name.lower()} {values[key]}")
@@ -285,12 +307,20 @@ class ModelConfig:
         """
         k = HeaderKey
         items: list[tuple[HeaderKey, int]] = [
-            (k.VERSION, self.version), (k.ARCH_TYPE, int(self.arch)), (k.HIDDEN_ACT, int(self.hidden_act)),
-            (k.DIM, self.dim), (k.HIDDEN_DIM, self.hidden_dim), (k.N_LAYERS, self.n_layers),
-            (k.N_HEADS, self.n_heads), (k.N_KV_HEADS, self.n_kv_heads),
-            (k.WEIGHT_FLOAT_TYPE, int(self.weight_float_type)), (k.MAX_SEQ_LEN, self.max_seq_len),
-            (k.VOCAB_SIZE, self.vocab_size), (k.N_EXPERTS, self.n_experts),
-            (k.N_ACTIVE_EXPERTS, self.n_active_experts), (k.ROPE_THETA, self.rope_theta),
+            (k.VERSION, self.version),
+            (k.ARCH_TYPE, int(self.arch)),
+            (k.HIDDEN_ACT, int(self.hidden_act)),
+            (k.DIM, self.dim),
+            (k.HIDDEN_DIM, self.hidden_dim),
+            (k.N_LAYERS, self.n_layers),
+            (k.N_HEADS, self.n_heads),
+            (k.N_KV_HEADS, self.n_kv_heads),
+            (k.WEIGHT_FLOAT_TYPE, int(self.weight_float_type)),
+            (k.MAX_SEQ_LEN, self.max_seq_len),
+            (k.VOCAB_SIZE, self.vocab_size),
+            (k.N_EXPERTS, self.n_experts),
+            (k.N_ACTIVE_EXPERTS, self.n_active_experts),
+            (k.ROPE_THETA, self.rope_theta),
         ]
         if self.has_rope_scaling or self.rope_type == RopeType.LLAMA3_1:
             items += [

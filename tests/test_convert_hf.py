@@ -32,7 +32,11 @@ def write_safetensors(path: Path, tensors: Tensors) -> None:
     header: dict[str, Any] = {}
     offset = 0
     for name, (dtype, array) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(array.shape),
+            "data_offsets": [offset, offset + array.nbytes],
+        }
         offset += array.nbytes
     blob = json.dumps(header).encode()
     with open(path, "wb") as file:
@@ -51,9 +55,13 @@ def hf_tensors(testdata: Path, model: str) -> dict[str, np.ndarray]:
     return load_file(testdata / "compat" / "hf" / model / "model.safetensors")
 
 
-def make_model(tmp_path: Path, testdata: Path, model: str = "llama-tiny",
-               edit_config: Callable[[dict[str, Any]], None] | None = None,
-               tensors: Tensors | None = None) -> Path:
+def make_model(
+    tmp_path: Path,
+    testdata: Path,
+    model: str = "llama-tiny",
+    edit_config: Callable[[dict[str, Any]], None] | None = None,
+    tensors: Tensors | None = None,
+) -> Path:
     """An HF folder in tmp_path/'hf': the compat model's config (optionally edited) and weights
     (the original file, or `tensors` written as one shard)."""
     folder = tmp_path / "hf"
@@ -73,8 +81,9 @@ def as_f32(tensors: dict[str, np.ndarray]) -> Tensors:
     return {name: ("F32", array) for name, array in tensors.items()}
 
 
-def convert(capsys: pytest.CaptureFixture[str], folder: Path, float_type: str, output: Path,
-            *extra: str) -> tuple[int, str]:
+def convert(
+    capsys: pytest.CaptureFixture[str], folder: Path, float_type: str, output: Path, *extra: str
+) -> tuple[int, str]:
     code = main([str(folder), float_type, "test", "--output", str(output), *extra])
     return code, capsys.readouterr().err
 
@@ -91,9 +100,13 @@ def core() -> Any:
 
 # ---- distributed-llama compatibility -------------------------------------------------------------------
 @pytest.mark.parametrize("model", COMPAT_MODELS)
-def test_f32_output_is_byte_identical_to_distributed_llama(testdata: Path, tmp_path: Path, model: str,
-                                                         monkeypatch: pytest.MonkeyPatch,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_f32_output_is_byte_identical_to_distributed_llama(
+    testdata: Path,
+    tmp_path: Path,
+    model: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     monkeypatch.chdir(tmp_path)
     assert main([str(testdata / "compat" / "hf" / model), "f32", model, "--quiet"]) == 0
     ours = tmp_path / f"dllama_model_{model}_f32.m"
@@ -102,8 +115,9 @@ def test_f32_output_is_byte_identical_to_distributed_llama(testdata: Path, tmp_p
 
 
 @pytest.mark.parametrize("model", COMPAT_MODELS)
-def test_q40_output_matches_distributed_llama_block_for_block(testdata: Path, tmp_path: Path, model: str, core: Any,
-                                                            capsys: pytest.CaptureFixture[str]) -> None:
+def test_q40_output_matches_distributed_llama_block_for_block(
+    testdata: Path, tmp_path: Path, model: str, core: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, err = convert(capsys, testdata / "compat" / "hf" / model, "q40", tmp_path / "out.m", "--quiet")
     assert code == 0, err
     theirs_path = compat_path(testdata, model, "q40")
@@ -120,14 +134,17 @@ def test_q40_output_matches_distributed_llama_block_for_block(testdata: Path, tm
             total_blocks += a.data.size // 18
             differing += n_diff
             beyond_one_step += n_bad
-    print(f"{model} q40: {differing} of {total_blocks} blocks differ from distributed-llama, "
-          f"{beyond_one_step} by more than one step in one value")
+    print(
+        f"{model} q40: {differing} of {total_blocks} blocks differ from distributed-llama, "
+        f"{beyond_one_step} by more than one step in one value"
+    )
     assert beyond_one_step == 0
     assert differing <= total_blocks // 1000  # ties are rare: at most 0.1 % of blocks
 
 
-def test_q80_and_f16_outputs_follow_the_reference_rules(testdata: Path, tmp_path: Path, core: Any,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
+def test_q80_and_f16_outputs_follow_the_reference_rules(
+    testdata: Path, tmp_path: Path, core: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
     hf_dir = testdata / "compat" / "hf" / "qwen3-tiny"
     hf = hf_tensors(testdata, "qwen3-tiny")
     for float_type in ("q80", "f16"):
@@ -169,8 +186,9 @@ def test_llama_permutation_turns_rotate_half_into_interleaved_pairs() -> None:
     assert out.tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
 
 
-def test_tie_word_embeddings_takes_the_classifier_from_the_embedding(testdata: Path, tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_tie_word_embeddings_takes_the_classifier_from_the_embedding(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, edit_config=lambda c: c.update(tie_word_embeddings=True))
     assert convert(capsys, folder, "f32", tmp_path / "out.m", "-q")[0] == 0
     with read_model(tmp_path / "out.m") as m:
@@ -179,8 +197,9 @@ def test_tie_word_embeddings_takes_the_classifier_from_the_embedding(testdata: P
         assert not np.array_equal(untied["classifier"], untied["embedding"])
 
 
-def test_missing_lm_head_falls_back_to_the_embedding(testdata: Path, tmp_path: Path,
-                                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_lm_head_falls_back_to_the_embedding(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tensors = hf_tensors(testdata, "llama-tiny")
     del tensors["lm_head.weight"]
     folder = make_model(tmp_path, testdata, tensors=as_f32(tensors))
@@ -190,8 +209,9 @@ def test_missing_lm_head_falls_back_to_the_embedding(testdata: Path, tmp_path: P
 
 
 @pytest.mark.parametrize("with_index", [True, False])
-def test_sharded_checkpoint_converts_byte_identically(testdata: Path, tmp_path: Path, with_index: bool,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_sharded_checkpoint_converts_byte_identically(
+    testdata: Path, tmp_path: Path, with_index: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, tensors={})
     names = sorted(hf_tensors(testdata, "llama-tiny"), reverse=True)  # shards not in file order
     tensors = hf_tensors(testdata, "llama-tiny")
@@ -203,14 +223,17 @@ def test_sharded_checkpoint_converts_byte_identically(testdata: Path, tmp_path: 
         weight_map.update(dict.fromkeys(part, shard_name))
     (folder / "model.safetensors").unlink()
     if with_index:
-        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / "model.safetensors.index.json").write_text(
+            json.dumps({"metadata": {}, "weight_map": weight_map})
+        )
     assert convert(capsys, folder, "f32", tmp_path / "out.m", "-q")[0] == 0
     assert (tmp_path / "out.m").read_bytes() == compat_path(testdata, "llama-tiny", "f32").read_bytes()
 
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16"])
-def test_bf16_and_f16_inputs_are_widened_exactly(testdata: Path, tmp_path: Path, dtype: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_bf16_and_f16_inputs_are_widened_exactly(
+    testdata: Path, tmp_path: Path, dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     tensors = hf_tensors(testdata, "llama-tiny")
     if dtype == "BF16":
         narrow = {name: ("BF16", to_bf16(a)) for name, a in tensors.items()}
@@ -227,8 +250,13 @@ def test_bf16_and_f16_inputs_are_widened_exactly(testdata: Path, tmp_path: Path,
         assert np.abs(m["layers.0.wv"] - tensors["model.layers.0.self_attn.v_proj.weight"]).max() < 1e-3
 
 
-LLAMA3_SCALING = {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                  "original_max_position_embeddings": 256, "rope_type": "llama3"}
+LLAMA3_SCALING = {
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 256,
+    "rope_type": "llama3",
+}
 
 
 def rope_parameters_form(config: dict[str, Any]) -> None:
@@ -242,9 +270,9 @@ def rope_scaling_form(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.parametrize("form", [rope_parameters_form, rope_scaling_form])
-def test_llama3_rope_scaling_is_read_in_both_config_forms(testdata: Path, tmp_path: Path,
-                                                          form: Callable[[dict[str, Any]], None],
-                                                          capsys: pytest.CaptureFixture[str]) -> None:
+def test_llama3_rope_scaling_is_read_in_both_config_forms(
+    testdata: Path, tmp_path: Path, form: Callable[[dict[str, Any]], None], capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, edit_config=form)
     assert convert(capsys, folder, "f32", tmp_path / "out.m", "-q")[0] == 0
     with read_model(tmp_path / "out.m") as m:
@@ -252,15 +280,17 @@ def test_llama3_rope_scaling_is_read_in_both_config_forms(testdata: Path, tmp_pa
         assert m.config.has_rope_scaling and m.config.rope_type.name == "LLAMA3_1"
 
 
-def test_num_local_experts_alone_is_enough(testdata: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_num_local_experts_alone_is_enough(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, "qwen3moe-tiny", edit_config=lambda c: c.pop("num_experts"))
     assert convert(capsys, folder, "f32", tmp_path / "out.m", "-q")[0] == 0
     assert (tmp_path / "out.m").read_bytes() == compat_path(testdata, "qwen3moe-tiny", "f32").read_bytes()
 
 
-def test_progress_bar_shows_tensors_bytes_and_speed(testdata: Path, tmp_path: Path,
-                                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_shows_tensors_bytes_and_speed(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     code, err = convert(capsys, testdata / "compat" / "hf" / "llama-tiny", "f32", tmp_path / "out.m")
     assert code == 0
     assert "tensor 30/30 classifier" in err and "B/s" in err and "2.75M/2.75M" in err
@@ -275,7 +305,7 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         assert text in out
 
 
-# ---- rejections ---------------------------------------------------------------------------------------------
+# ---- rejections --------------------------------------------------------------------------------
 def edit(**changes: Any) -> Callable[[dict[str, Any]], None]:
     return lambda config: config.update(changes)
 
@@ -297,56 +327,77 @@ CONFIG_REJECTIONS = [
 
 
 @pytest.mark.parametrize(("edit_config", "message"), CONFIG_REJECTIONS)
-def test_unsupported_config_is_rejected_in_one_line(testdata: Path, tmp_path: Path, edit_config: Any,
-                                                    message: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_config_is_rejected_in_one_line(
+    testdata: Path, tmp_path: Path, edit_config: Any, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, edit_config=edit_config)
     assert_rejected(capsys, folder, tmp_path, message)
 
 
-def test_moe_with_dense_layers_is_rejected(testdata: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_moe_with_dense_layers_is_rejected(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, "qwen3moe-tiny", edit_config=edit(mlp_only_layers=[0]))
     assert_rejected(capsys, folder, tmp_path, "every layer must be MoE")
 
 
-def test_bias_tensors_are_rejected(testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bias_tensors_are_rejected(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tensors = hf_tensors(testdata, "llama-tiny")
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.zeros(128, np.float32)
     folder = make_model(tmp_path, testdata, tensors=as_f32(tensors))
-    assert_rejected(capsys, folder, tmp_path, r"bias tensors \(model.layers.0.self_attn.q_proj.bias.*not supported")
+    assert_rejected(
+        capsys, folder, tmp_path, r"bias tensors \(model.layers.0.self_attn.q_proj.bias.*not supported"
+    )
 
 
 def test_missing_tensor_is_named(testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     tensors = hf_tensors(testdata, "llama-tiny")
     del tensors["model.layers.1.self_attn.v_proj.weight"]
     folder = make_model(tmp_path, testdata, tensors=as_f32(tensors))
-    assert_rejected(capsys, folder, tmp_path, r"tensor model.layers.1.self_attn.v_proj.weight is missing "
-                                              r"\(needed for layers.1.wv\)")
+    assert_rejected(
+        capsys,
+        folder,
+        tmp_path,
+        r"tensor model.layers.1.self_attn.v_proj.weight is missing "
+        r"\(needed for layers.1.wv\)",
+    )
 
 
-def test_unsupported_tensor_dtype_is_named(testdata: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_unsupported_tensor_dtype_is_named(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     tensors = as_f32(hf_tensors(testdata, "llama-tiny"))
     tensors["model.norm.weight"] = ("I32", np.zeros(128, np.int32))
     folder = make_model(tmp_path, testdata, tensors=tensors)
     assert_rejected(capsys, folder, tmp_path, "tensor model.norm.weight has dtype I32")
 
 
-def test_truncated_safetensors_is_reported(testdata: Path, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_safetensors_is_reported(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     folder = make_model(tmp_path, testdata, tensors=as_f32(hf_tensors(testdata, "llama-tiny")))
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[:-100])
     assert_rejected(capsys, folder, tmp_path, "inconsistent offsets .* damaged or truncated")
 
 
-def test_q40_of_rows_not_a_multiple_of_32_is_rejected(testdata: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
-    assert_rejected(capsys, testdata / "stories260K_hf", tmp_path,
-                    r"layers.0.w2 has rows of 172 values, not a multiple of 32: q40 cannot store it", "q40")
+def test_q40_of_rows_not_a_multiple_of_32_is_rejected(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert_rejected(
+        capsys,
+        testdata / "stories260K_hf",
+        tmp_path,
+        r"layers.0.w2 has rows of 172 values, not a multiple of 32: q40 cannot store it",
+        "q40",
+    )
 
 
-def test_folder_problems_are_reported(testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_folder_problems_are_reported(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert_rejected(capsys, tmp_path / "nowhere", tmp_path, "nowhere is not a folder")
     (tmp_path / "empty").mkdir()
     assert_rejected(capsys, tmp_path / "empty", tmp_path, "no config.json")
@@ -365,8 +416,9 @@ def test_bad_arguments_exit_2_in_one_line(tmp_path: Path, capsys: pytest.Capture
     assert err.count("\n") == 1 and "invalid choice: 'q4'" in err
 
 
-def assert_rejected(capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path, message: str,
-                    float_type: str = "f32") -> None:
+def assert_rejected(
+    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path, message: str, float_type: str = "f32"
+) -> None:
     code, err = convert(capsys, folder, float_type, tmp_path / "out.m", "-q")
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("convert-hf: error: "), err

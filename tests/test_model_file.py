@@ -80,9 +80,17 @@ def compat_file(testdata: Path, model: str, float_type: str) -> Path:
 
 
 def tiny_config(**overrides: object) -> ModelConfig:
-    values: dict[str, object] = dict(arch=ArchType.LLAMA, dim=64, hidden_dim=96, n_layers=2, n_heads=4,
-                                     n_kv_heads=2, vocab_size=40, max_seq_len=128,
-                                     weight_float_type=FloatType.F32)
+    values: dict[str, object] = {
+        "arch": ArchType.LLAMA,
+        "dim": 64,
+        "hidden_dim": 96,
+        "n_layers": 2,
+        "n_heads": 4,
+        "n_kv_heads": 2,
+        "vocab_size": 40,
+        "max_seq_len": 128,
+        "weight_float_type": FloatType.F32,
+    }
     values.update(overrides)
     return ModelConfig(**values)  # type: ignore[arg-type]
 
@@ -106,15 +114,18 @@ def base_items(config: ModelConfig) -> list[tuple[int, int]]:
 # ---- reading distributed-llama's files -------------------------------------------------------------
 @pytest.mark.parametrize("model", COMPAT_MODELS)
 @pytest.mark.parametrize("float_type", ["f32", "q40"])
-def test_every_compat_file_opens_with_its_manifest_header(testdata: Path, model: str, float_type: str) -> None:
+def test_every_compat_file_opens_with_its_manifest_header(
+    testdata: Path, model: str, float_type: str
+) -> None:
     manifest = json.loads((testdata / "compat" / "manifest.json").read_text())
     expected = manifest["models"][model]["dllama_files"][float_type]["header"]
     path = compat_file(testdata, model, float_type)
     with read_model(path) as m:
         kv = expected["kv"]
         assert m.header_size == expected["header_bytes"]
-        assert dict((HeaderKey(k).name.lower(), v) for k, v in m.header) == {
-            k.replace("weights_float_type", "weight_float_type"): v for k, v in kv.items()}
+        assert {HeaderKey(k).name.lower(): v for k, v in m.header} == {
+            k.replace("weights_float_type", "weight_float_type"): v for k, v in kv.items()
+        }
         c = m.config
         assert (c.dim, c.hidden_dim, c.n_layers, c.n_heads, c.n_kv_heads) == (128, 384, 3, 8, 4)
         assert c.weight_float_type == FloatType.from_label(float_type)
@@ -151,7 +162,7 @@ def test_header_written_for_a_read_config_is_byte_identical(testdata: Path) -> N
     for model in COMPAT_MODELS:
         path = compat_file(testdata, model, "q40")
         with read_model(path) as m:
-            assert encode_header(m.config) == path.read_bytes()[:m.header_size]
+            assert encode_header(m.config) == path.read_bytes()[: m.header_size]
 
 
 # ---- writing ------------------------------------------------------------------------------------------
@@ -168,9 +179,11 @@ def test_written_model_reads_back_identically(tmp_path: Path) -> None:
 
 def test_writer_rejects_tensors_out_of_order_and_leaves_no_file(tmp_path: Path) -> None:
     config = tiny_config()
-    with pytest.raises(ValueError, match="expected tensor embedding, got layers.0.wq"):
-        with ModelWriter(tmp_path / "m.m", config) as writer:
-            writer.write("layers.0.wq", np.zeros((64, 64), np.float32))
+    with (
+        pytest.raises(ValueError, match="expected tensor embedding, got layers.0.wq"),
+        ModelWriter(tmp_path / "m.m", config) as writer,
+    ):
+        writer.write("layers.0.wq", np.zeros((64, 64), np.float32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -183,9 +196,14 @@ def test_writer_refuses_to_finish_an_incomplete_file(tmp_path: Path) -> None:
 
 
 def test_rope_scaling_keys_are_written_between_theta_and_head_dim() -> None:
-    config = tiny_config(rope_theta=500000, rope_scaling_factor=32, rope_scaling_low_freq_factor=1,
-                         rope_scaling_high_freq_factor=4, rope_scaling_orig_max_seq_len=8192,
-                         rope_type=RopeType.LLAMA3_1)
+    config = tiny_config(
+        rope_theta=500000,
+        rope_scaling_factor=32,
+        rope_scaling_low_freq_factor=1,
+        rope_scaling_high_freq_factor=4,
+        rope_scaling_orig_max_seq_len=8192,
+        rope_type=RopeType.LLAMA3_1,
+    )
     keys = [int(k) for k, _ in config.header_items()]
     assert keys == [0, 1, 11, 2, 3, 4, 5, 6, 13, 10, 9, 7, 8, 12, 14, 15, 16, 17, 18, 19, 20]
     assert ModelConfig.from_header(config.header_items()) == config
@@ -193,8 +211,21 @@ def test_rope_scaling_keys_are_written_between_theta_and_head_dim() -> None:
 
 # ---- ModelConfig ----------------------------------------------------------------------------------------
 def test_config_defaults_and_derived_sizes() -> None:
-    items = [(1, ArchType.QWEN3_MOE), (2, 256), (3, 512), (4, 2), (5, 8), (6, 2), (9, 100), (10, 64), (13, 2),
-             (7, 8), (8, 2), (21, 128), (20, 6)]
+    items = [
+        (1, ArchType.QWEN3_MOE),
+        (2, 256),
+        (3, 512),
+        (4, 2),
+        (5, 8),
+        (6, 2),
+        (9, 100),
+        (10, 64),
+        (13, 2),
+        (7, 8),
+        (8, 2),
+        (21, 128),
+        (20, 6),
+    ]
     c = ModelConfig.from_header(items)
     assert c.head_dim == 32 and c.q_dim == 256 and c.kv_dim == 64 and c.ff_dim == 128 and c.n_kv_groups == 4
     assert c.rope_type == RopeType.FALCON and c.rope_theta == 10000 and c.norm_epsilon == 1e-6
@@ -271,8 +302,11 @@ def test_extra_bytes_report_expected_and_found_sizes(tmp_path: Path) -> None:
     size = (tmp_path / "m.m").stat().st_size
     with open(tmp_path / "m.m", "ab") as file:
         file.write(bytes(10))
-    with pytest.raises(ModelFormatError, match=rf"m\.m: size does not match the header: expected {size} bytes, "
-                                               rf"found {size + 10} \(10 extra bytes\)"):
+    with pytest.raises(
+        ModelFormatError,
+        match=rf"m\.m: size does not match the header: expected {size} bytes, "
+        rf"found {size + 10} \(10 extra bytes\)",
+    ):
         ModelFile(tmp_path / "m.m")
 
 
@@ -280,7 +314,7 @@ def test_truncated_file_names_the_tensor(tmp_path: Path) -> None:
     config = tiny_config()
     write_random_model(tmp_path / "m.m", config)
     data = (tmp_path / "m.m").read_bytes()
-    (tmp_path / "m.m").write_bytes(data[:-(64 * 4 + 40 * 64 * 4)])  # cut into final_norm
+    (tmp_path / "m.m").write_bytes(data[: -(64 * 4 + 40 * 64 * 4)])  # cut into final_norm
     with pytest.raises(ModelFormatError, match=rf"truncated: tensor final_norm .*expected {len(data)} bytes"):
         ModelFile(tmp_path / "m.m")
 

@@ -74,21 +74,31 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
             specs.append(TensorSpec(p + "router", (config.n_experts, dim), f32))
             for expert in range(config.n_experts):
                 e = f"{p}experts.{expert}."
-                specs += [TensorSpec(e + "w1", (ff, dim), wt), TensorSpec(e + "w2", (dim, ff), wt),
-                          TensorSpec(e + "w3", (ff, dim), wt)]
+                specs += [
+                    TensorSpec(e + "w1", (ff, dim), wt),
+                    TensorSpec(e + "w2", (dim, ff), wt),
+                    TensorSpec(e + "w3", (ff, dim), wt),
+                ]
         else:  # gate, down, up: distributed-llama's order
-            specs += [TensorSpec(p + "w1", (ff, dim), wt), TensorSpec(p + "w2", (dim, ff), wt),
-                      TensorSpec(p + "w3", (ff, dim), wt)]
+            specs += [
+                TensorSpec(p + "w1", (ff, dim), wt),
+                TensorSpec(p + "w2", (dim, ff), wt),
+                TensorSpec(p + "w3", (ff, dim), wt),
+            ]
         if config.has_qk_norm:
-            specs += [TensorSpec(p + "q_norm", (1, config.head_dim), f32),
-                      TensorSpec(p + "k_norm", (1, config.head_dim), f32)]
+            specs += [
+                TensorSpec(p + "q_norm", (1, config.head_dim), f32),
+                TensorSpec(p + "k_norm", (1, config.head_dim), f32),
+            ]
         specs += [TensorSpec(p + "attention_norm", (1, dim), f32), TensorSpec(p + "ffn_norm", (1, dim), f32)]
     specs += [TensorSpec("final_norm", (1, dim), f32), TensorSpec("classifier", (config.vocab_size, dim), wt)]
     for spec in specs:
-        rows, cols = spec.shape
+        _rows, cols = spec.shape
         if cols % spec.float_type.block_values:
-            raise ConfigError(f"tensor {spec.name} has rows of {cols} values, not a multiple of "
-                              f"{spec.float_type.block_values}: {spec.float_type.label} cannot store it (use f32 or f16)")
+            raise ConfigError(
+                f"tensor {spec.name} has rows of {cols} values, not a multiple of "
+                f"{spec.float_type.block_values}: {spec.float_type.label} cannot store it (use f32 or f16)"
+            )
     return specs
 
 
@@ -130,17 +140,22 @@ def _parse_header(path: Path, head: bytes, file_size: int) -> tuple[int, list[tu
         raise ModelFormatError(f"{path}: {file_size} bytes is too small for a model header (need at least 8)")
     magic, header_size = struct.unpack_from("<iI", head, 0)
     if magic in OLD_MAGICS:
-        raise ModelFormatError(f"{path}: old model format (magic 0x{magic:X}); convert the model again "
-                               f"with convert-hf")
+        raise ModelFormatError(
+            f"{path}: old model format (magic 0x{magic:X}); convert the model again with convert-hf"
+        )
     if magic != MAGIC:
-        raise ModelFormatError(f"{path}: bad magic 0x{magic & 0xFFFFFFFF:08X}, expected 0x{MAGIC:08X}: "
-                               f"not a distributed-llama model file")
+        raise ModelFormatError(
+            f"{path}: bad magic 0x{magic & 0xFFFFFFFF:08X}, expected 0x{MAGIC:08X}: "
+            f"not a distributed-llama model file"
+        )
     if header_size < 8 or (header_size - 8) % 8:
         raise ModelFormatError(f"{path}: header size {header_size} is not 8 + 8*K")
     if header_size > file_size:
-        raise ModelFormatError(f"{path}: header size {header_size} is larger than the file ({file_size} bytes)")
+        raise ModelFormatError(
+            f"{path}: header size {header_size} is larger than the file ({file_size} bytes)"
+        )
     words = struct.unpack_from(f"<{(header_size - 8) // 4}i", head, 8)
-    return header_size, list(zip(words[0::2], words[1::2]))
+    return header_size, list(zip(words[0::2], words[1::2], strict=True))
 
 
 class ModelFile:
@@ -179,17 +194,25 @@ class ModelFile:
             for spec in specs:
                 if start + spec.nbytes > self.file_size:
                     raise ModelFormatError(
-                        f"{self.path}: truncated: tensor {spec.name} needs bytes {start}..{start + spec.nbytes} "
-                        f"but the file ends at {self.file_size}; expected {expected} bytes, found {self.file_size}")
+                        f"{self.path}: truncated: tensor {spec.name} needs bytes "
+                        f"{start}..{start + spec.nbytes} but the file ends at {self.file_size}; "
+                        f"expected {expected} bytes, found {self.file_size}"
+                    )
                 start += spec.nbytes
         if self.file_size > expected:
-            raise ModelFormatError(f"{self.path}: size does not match the header: expected {expected} bytes, "
-                                   f"found {self.file_size} ({self.file_size - expected} extra bytes)")
+            raise ModelFormatError(
+                f"{self.path}: size does not match the header: expected {expected} bytes, "
+                f"found {self.file_size} ({self.file_size - expected} extra bytes)"
+            )
         raw = np.frombuffer(self._map, dtype=np.uint8)
         self.tensors: dict[str, Tensor] = {}
         offset = self.header_size
         for spec in specs:
-            view = raw[offset:offset + spec.nbytes].view(spec.float_type.storage_dtype).reshape(spec.storage_shape)
+            view = (
+                raw[offset : offset + spec.nbytes]
+                .view(spec.float_type.storage_dtype)
+                .reshape(spec.storage_shape)
+            )
             self.tensors[spec.name] = Tensor(spec, offset, view)
             offset += spec.nbytes
 
@@ -213,11 +236,12 @@ class ModelFile:
                 pass
             self._map = None
 
-    def __enter__(self) -> ModelFile:
+    def __enter__(self) -> ModelFile:  # noqa: PYI034 (typing.Self needs 3.11)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -239,7 +263,7 @@ class ModelWriter:
         self.config = config
         self.specs = tensor_specs(config)
         self._tmp = self.path.with_name(self.path.name + ".tmp")
-        self._file = open(self._tmp, "wb")
+        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed by close()/abort())
         self._file.write(encode_header(config))
         self._index = 0  # next tensor to write
         self._rows_done = 0  # rows of that tensor written so far
@@ -258,7 +282,9 @@ class ModelWriter:
             raise ValueError(f"expected tensor {spec.name if spec else '(none, file complete)'}, got {name}")
         rows = np.ascontiguousarray(rows, dtype=spec.float_type.storage_dtype)
         if rows.ndim != 2 or rows.shape[1] != spec.storage_shape[1]:
-            raise ValueError(f"{name}: rows of shape {rows.shape} do not fit storage shape {spec.storage_shape}")
+            raise ValueError(
+                f"{name}: rows of shape {rows.shape} do not fit storage shape {spec.storage_shape}"
+            )
         if self._rows_done + rows.shape[0] > spec.shape[0]:
             raise ValueError(f"{name}: more than {spec.shape[0]} rows written")
         self._file.write(memoryview(rows).cast("B"))
@@ -287,11 +313,12 @@ class ModelWriter:
         self._file.close()
         self._tmp.unlink(missing_ok=True)
 
-    def __enter__(self) -> ModelWriter:
+    def __enter__(self) -> ModelWriter:  # noqa: PYI034 (typing.Self needs 3.11)
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if exc_type is None:
             self.close()
         else:
@@ -313,8 +340,9 @@ def encode_rows(values: npt.NDArray[np.float32], float_type: FloatType) -> np.nd
     return _core.quantize_q80(values)
 
 
-def write_model(path: str | os.PathLike[str], config: ModelConfig,
-                tensors: Iterable[tuple[str, npt.NDArray[np.float32]]]) -> None:
+def write_model(
+    path: str | os.PathLike[str], config: ModelConfig, tensors: Iterable[tuple[str, npt.NDArray[np.float32]]]
+) -> None:
     """Write a whole `.m` file from (name, float32 (rows, cols) array) pairs in `tensor_specs` order."""
     with ModelWriter(path, config) as writer:
         for name, values in tensors:
