@@ -322,7 +322,8 @@ class ModelConfig:
             (k.N_ACTIVE_EXPERTS, self.n_active_experts),
             (k.ROPE_THETA, self.rope_theta),
         ]
-        if self.has_rope_scaling or self.rope_type == RopeType.LLAMA3_1:
+        implied_rope = RopeType.FALCON if self.has_qk_norm else RopeType.LLAMA  # what a reader assumes
+        if self.has_rope_scaling or self.rope_type != implied_rope:
             items += [
                 (k.ROPE_SCALING_FACTOR, self.rope_scaling_factor),
                 (k.ROPE_SCALING_LOW_FREQ_FACTOR, self.rope_scaling_low_freq_factor),

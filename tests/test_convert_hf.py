@@ -417,11 +417,48 @@ def test_bad_arguments_exit_2_in_one_line(tmp_path: Path, capsys: pytest.Capture
 
 
 def assert_rejected(
-    capsys: pytest.CaptureFixture[str], folder: Path, tmp_path: Path, message: str, float_type: str = "f32"
+    capsys: pytest.CaptureFixture[str],
+    folder: Path,
+    tmp_path: Path,
+    message: str,
+    float_type: str = "f32",
+    *extra: str,
 ) -> None:
-    code, err = convert(capsys, folder, float_type, tmp_path / "out.m", "-q")
+    code, err = convert(capsys, folder, float_type, tmp_path / "out.m", "-q", *extra)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("convert-hf: error: "), err
     assert "Traceback" not in err
     assert re.search(message, err), err
     assert not (tmp_path / "out.m").exists() and not (tmp_path / "out.m.tmp").exists()
+
+
+def test_mistral_converts_like_llama(
+    testdata: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    folder = make_model(tmp_path, testdata, edit_config=edit(model_type="mistral", sliding_window=None))
+    assert convert(capsys, folder, "f32", tmp_path / "out.m", "-q")[0] == 0
+    assert (tmp_path / "out.m").read_bytes() == compat_path(testdata, "llama-tiny", "f32").read_bytes()
+
+
+def test_threads_flag_sets_the_core_thread_count(
+    testdata: Path, tmp_path: Path, core: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    before = core.get_num_threads()
+    try:
+        code, err = convert(
+            capsys, testdata / "compat" / "hf" / "llama-tiny", "q40", tmp_path / "a.m", "-q", "--threads", "1"
+        )
+        assert code == 0, err
+        assert core.get_num_threads() == 1
+    finally:
+        core.set_num_threads(before)
+    assert (tmp_path / "a.m").read_bytes() == compat_path(testdata, "llama-tiny", "q40").read_bytes()
+    assert_rejected(
+        capsys,
+        testdata / "compat" / "hf" / "llama-tiny",
+        tmp_path,
+        "--threads must be at least 1",
+        "q40",
+        "--threads",
+        "0",
+    )

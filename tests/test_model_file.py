@@ -322,3 +322,10 @@ def test_truncated_file_names_the_tensor(tmp_path: Path) -> None:
 def test_header_size_beyond_the_file(tmp_path: Path) -> None:
     with pytest.raises(ModelFormatError, match="header size 4096 is larger than the file"):
         ModelFile(write_with_header(tmp_path, struct.pack("<ii", 0x0A00ABCD, 4096) + bytes(16)))
+
+
+def test_explicit_rope_type_and_epsilon_survive_a_round_trip() -> None:
+    config = tiny_config(rope_type=RopeType.FALCON, norm_epsilon=1e-6)
+    items = config.header_items()
+    assert (HeaderKey.ROPE_TYPE, 1) in items and (HeaderKey.NORM_EPSILON, 6) in items
+    assert ModelConfig.from_header(items) == config
