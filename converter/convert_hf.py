@@ -217,8 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="convert-hf",
         description="Convert a Hugging Face model folder (config.json + *.safetensors) to a "
-        "distributed-llama "
-        ".m file. Architectures: llama, mistral, qwen3, qwen3_moe.",
+        "distributed-llama .m file. Architectures: llama, mistral, qwen3, qwen3_moe.",
     )
     parser.add_argument(
         "hf_dir",
