@@ -36,6 +36,7 @@ def _merge_scan(parts: list[bytes], ranks: dict[bytes, float]) -> list[bytes]:
 
 def _merge_heap(parts: list[bytes], ranks: dict[bytes, float]) -> list[bytes]:
     get = ranks.get
+    heappop, heappush = heapq.heappop, heapq.heappush
     count = len(parts)
     next_index = list(range(1, count + 1))
     next_index[-1] = -1
@@ -48,7 +49,7 @@ def _merge_heap(parts: list[bytes], ranks: dict[bytes, float]) -> list[bytes]:
             heap.append((rank, index, parts[index], parts[index + 1]))
     heapq.heapify(heap)
     while heap:
-        rank, index, left, right = heapq.heappop(heap)
+        rank, index, left, right = heappop(heap)
         right_index = next_index[index]
         # stale entry: a neighbour was merged since this pair was pushed
         if not alive[index] or right_index < 0 or parts[index] != left or parts[right_index] != right:
@@ -62,10 +63,10 @@ def _merge_heap(parts: list[bytes], ranks: dict[bytes, float]) -> list[bytes]:
             previous_index[after] = index
             pair_rank = get(merged + parts[after])
             if pair_rank is not None:
-                heapq.heappush(heap, (pair_rank, index, merged, parts[after]))
+                heappush(heap, (pair_rank, index, merged, parts[after]))
         before = previous_index[index]
         if before >= 0:
             pair_rank = get(parts[before] + merged)
             if pair_rank is not None:
-                heapq.heappush(heap, (pair_rank, before, parts[before], merged))
+                heappush(heap, (pair_rank, before, parts[before], merged))
     return [parts[index] for index in range(count) if alive[index]]

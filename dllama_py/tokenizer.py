@@ -150,9 +150,12 @@ class Tokenizer:
 
     def _encode_ordinary(self, text: str, at_start: bool) -> list[int]:
         if self.spec.kind == KIND_SENTENCEPIECE:
-            text = text.replace("\u2581", " ")
             if self.spec.remove_extra_whitespaces:
-                text = _SPACE_RUN.sub(" ", text).strip(" ")
+                # sentencepiece collapses runs of ' ' and drops leading ones in the input, then
+                # escapes (a literal '▁' is a space from here on) and drops trailing spaces
+                text = _SPACE_RUN.sub(" ", text).lstrip(" ").replace("\u2581", " ").rstrip(" ")
+            else:
+                text = text.replace("\u2581", " ")
             if not text:
                 return []
             if at_start:
