@@ -69,11 +69,13 @@ LLAMA3_SPECIALS = [
 
 def looks_like_tiktoken(data: bytes) -> bool:
     """True when the first lines are `base64 rank`."""
-    lines = data[:4096].split(b"\n")[:8]
-    lines = [line for line in lines if line.strip()]
+    head = data[:4096].split(b"\n")
+    if len(data) > 4096:
+        head = head[:-1]  # the last line of the excerpt may be cut
+    lines = [line for line in head[:8] if line.strip()]
     if not lines:
         return False
-    for line in lines if len(data) <= 4096 else lines[:-1] or lines:
+    for line in lines:
         parts = line.split()
         if len(parts) != 2 or not parts[1].isdigit():
             return False
