@@ -56,7 +56,9 @@ def _pick_file(source: Path) -> Path:
     for name in ("tokenizer.json", "vocab.json", "tokenizer.model"):
         if (source / name).is_file():
             return source / name
-    raise SourceError(f"{source}: no tokenizer.json, vocab.json + merges.txt or tokenizer.model in this folder")
+    raise SourceError(
+        f"{source}: no tokenizer.json, vocab.json + merges.txt or tokenizer.model in this folder"
+    )
 
 
 def _read_source(path: Path, added: dict[str, int]) -> TokenizerSource:
@@ -82,7 +84,8 @@ def _read_source(path: Path, added: dict[str, int]) -> TokenizerSource:
         model = parse_sentencepiece_model(data)
     except (ProtobufError, UnicodeDecodeError) as error:
         raise SourceError(
-            f"{path}: unknown content (not tokenizer.json, vocab.json, tiktoken ranks or a sentencepiece model)"
+            f"{path}: unknown content "
+            "(not tokenizer.json, vocab.json, tiktoken ranks or a sentencepiece model)"
         ) from error
     return from_sentencepiece(model, str(path))
 
@@ -95,13 +98,16 @@ def _from_tokenizer_json(content: dict, path: Path, added: dict[str, int]) -> To
     json_added = {t["content"]: int(t["id"]) for t in content.get("added_tokens", [])}
     added = {**json_added, **added}
     byte_level = not model.get("byte_fallback", False)
-    source = from_hf_bpe(model.get("vocab", {}), merges, added, str(path), byte_level)  # type: ignore[arg-type]
+    vocab = model.get("vocab", {})
+    source = from_hf_bpe(vocab, merges, added, str(path), byte_level)  # type: ignore[arg-type]
     pattern = _split_pattern(content.get("pre_tokenizer"))
     if byte_level and pattern is not None:
         from dllama_py.tokenizer_kind import LLAMA3_PATTERN, QWEN2_PATTERN
 
         if pattern not in (LLAMA3_PATTERN, QWEN2_PATTERN):
-            source.warnings.append(f"{path}: pre-tokenizer pattern is not Llama 3's or Qwen2's; encoding may differ")
+            source.warnings.append(
+                f"{path}: pre-tokenizer pattern is not Llama 3's or Qwen2's; encoding may differ"
+            )
     return source
 
 
@@ -141,7 +147,8 @@ def _apply_config(tokenizer: TokenizerSource, folder: Path, config: dict) -> Non
     """BOS, EOS, add_bos and chat template from the folder's config files."""
     model_config = _optional_json(folder / "config.json")
     generation = _optional_json(folder / "generation_config.json")
-    lookup = {**{p.decode("utf-8", "replace"): i for i, p in enumerate(tokenizer.vocab)}, **tokenizer.special_tokens}
+    lookup = {piece.decode("utf-8", "replace"): i for i, piece in enumerate(tokenizer.vocab)}
+    lookup.update(tokenizer.special_tokens)
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
@@ -178,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(
         prog="convert-tokenizer",
-        description="Convert a tokenizer to distributed-llama's .t format (readable by dllama-py and distributed-llama).",
+        description="Convert a tokenizer to distributed-llama's .t format "
+        "(readable by dllama-py and distributed-llama).",
     )
     parser.add_argument(
         "source",

@@ -44,7 +44,9 @@ class TokenizerSource:
 def from_sentencepiece(model: SentencePieceModel, where: str) -> TokenizerSource:
     """Pieces with `▁` -> space and `<0xNN>` -> that byte; scores kept."""
     if model.model_type != MODEL_BPE:
-        raise SourceError(f"{where}: sentencepiece model type {model.model_type} is not BPE (unigram is not supported)")
+        raise SourceError(
+            f"{where}: sentencepiece model type {model.model_type} is not BPE (unigram is not supported)"
+        )
     vocab: list[bytes] = []
     for piece, piece_type in zip(model.pieces, model.types):
         if piece_type == PIECE_BYTE and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
@@ -136,7 +138,11 @@ def gpt2_unicode_to_byte() -> dict[str, int]:
 
 
 def from_hf_bpe(
-    vocab_map: dict[str, int], merges: list[tuple[str, str]], added: dict[str, int], where: str, byte_level: bool
+    vocab_map: dict[str, int],
+    merges: list[tuple[str, str]],
+    added: dict[str, int],
+    where: str,
+    byte_level: bool,
 ) -> TokenizerSource:
     """HF BPE vocabulary (+ merges, + added tokens) to raw-byte pieces and rank scores."""
     size = max(list(vocab_map.values()) + list(added.values())) + 1

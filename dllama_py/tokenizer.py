@@ -276,7 +276,14 @@ def _complete_utf8_length(data: bytes) -> int:
         byte = data[size - back]
         if byte & 0xC0 == 0x80:
             continue  # continuation byte: look further back for the lead byte
-        needed = 4 if 0xF0 <= byte <= 0xF7 else 3 if byte >= 0xE0 and byte < 0xF0 else 2 if byte >= 0xC0 else 1
+        if 0xF0 <= byte <= 0xF7:
+            needed = 4
+        elif 0xE0 <= byte <= 0xEF:
+            needed = 3
+        elif 0xC0 <= byte <= 0xDF:
+            needed = 2
+        else:
+            needed = 1
         return size - back if back < needed else size
     return size
 

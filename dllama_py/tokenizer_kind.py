@@ -77,7 +77,8 @@ def infer_spec(tokenizer_file: TokenizerFile) -> TokenizerSpec:
         specials = set(markers)
         if byte_block is not None:
             specials.update(range(byte_block))
-        specials.update(i for i, piece in enumerate(vocab[:16]) if piece in (b"<unk>", b"<pad>", b"<s>", b"</s>"))
+        control_names = (b"<unk>", b"<pad>", b"<s>", b"</s>")
+        specials.update(i for i, piece in enumerate(vocab[:16]) if piece in control_names)
         unknown = next((i for i, piece in enumerate(vocab) if piece == b"<unk>"), None)
         regular = (piece for i, piece in enumerate(vocab) if i not in specials)
         collapses_spaces = not any(b"  " in piece for piece in regular)

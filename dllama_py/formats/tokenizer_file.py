@@ -200,7 +200,8 @@ def _read_header(reader: _Reader) -> tuple[int, int, int, list[int], bool, str |
         raise TokenizerFormatError(f"{where}: bad header size {header_size} (must be 8 + 8*K)")
     values: dict[int, int] = {}
     eos_ids: list[int] = []
-    pairs = [(reader.int32("header key"), reader.int32("header value")) for _ in range((header_size - 8) // 8)]
+    count = (header_size - 8) // 8
+    pairs = [(reader.int32("header key"), reader.int32("header value")) for _ in range(count)]
     for key, value in pairs:
         if key not in KNOWN_KEYS:
             raise TokenizerFormatError(f"{where}: unknown header key {key} (value {value})")
@@ -255,7 +256,9 @@ def _read_vocab(reader: _Reader, vocab_size: int) -> tuple[tuple[bytes, ...], tu
         score, length = unpack(data, offset)
         offset += 8
         if length == 0:
-            raise TokenizerFormatError(f"{reader.where}: token {token_id} has length 0 at offset {offset - 4}")
+            raise TokenizerFormatError(
+                f"{reader.where}: token {token_id} has length 0 at offset {offset - 4}"
+            )
         if offset + length > end:
             raise TokenizerFormatError(
                 f"{reader.where}: truncated: token {token_id} needs {length} bytes at offset {offset}, "
