@@ -41,23 +41,43 @@ void parallel_blocks(size_t n_blocks, size_t work, F&& fn) {
 struct PrepScratch {
     std::vector<float> scale;
     std::vector<int32_t> bias;
+    std::vector<int8_t> split;
 };
 thread_local PrepScratch t_prep;
 
-PreparedQ80 prepare_q80(const BlockQ80* x, size_t n_blocks_total, int offset) {
+PreparedQ80 prepare_q80(const BlockQ80* x, int B, int nb, int offset, bool split_layout) {
     PrepScratch& s = t_prep;
-    if (s.scale.size() < n_blocks_total) s.scale.resize(n_blocks_total);
-    for (size_t i = 0; i < n_blocks_total; i++) s.scale[i] = f16_lut(x[i].d);
-    PreparedQ80 p{x, s.scale.data(), nullptr};
-    if (offset != 0) {
-        if (s.bias.size() < n_blocks_total * 8) s.bias.resize(n_blocks_total * 8);
-        int32_t* bias = s.bias.data();
-        for (size_t i = 0; i < n_blocks_total; i++) {
-            const int8_t* q = x[i].qs;
-            for (int l = 0; l < 8; l++)
-                bias[i * 8 + l] = -offset * (q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3]);
+    const size_t total = static_cast<size_t>(B) * nb;
+    if (s.scale.size() < total) s.scale.resize(total);
+    for (size_t i = 0; i < total; i++) s.scale[i] = f16_lut(x[i].d);
+    PreparedQ80 p{x, s.scale.data(), nullptr, nullptr};
+    if (offset == 0) return p;
+    const int lanes = split_layout ? 4 : 8;
+    if (s.bias.size() < total * lanes) s.bias.resize(total * lanes);
+    int32_t* bias = s.bias.data();
+    for (size_t i = 0; i < total; i++) {
+        const int8_t* q = x[i].qs;
+        for (int l = 0; l < lanes; l++) {
+            int sum = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
+            if (split_layout) sum += q[16 + 4 * l] + q[16 + 4 * l + 1] + q[16 + 4 * l + 2] + q[16 + 4 * l + 3];
+            bias[i * lanes + l] = -offset * sum;
         }
-        p.bias = bias;
+    }
+    p.bias = bias;
+    if (split_layout) {
+        const int groups = nb / 4;
+        if (s.split.size() < static_cast<size_t>(B) * groups * 128) s.split.resize(static_cast<size_t>(B) * groups * 128);
+        for (int b = 0; b < B; b++) {
+            for (int g = 0; g < groups; g++) {
+                int8_t* dst = s.split.data() + (static_cast<size_t>(b) * groups + g) * 128;
+                for (int m = 0; m < 4; m++) {
+                    const int8_t* q = x[static_cast<size_t>(b) * nb + 4 * g + m].qs;
+                    std::memcpy(dst + 16 * m, q, 16);
+                    std::memcpy(dst + 64 + 16 * m, q + 16, 16);
+                }
+            }
+        }
+        p.split = s.split.data();
     }
     return p;
 }
@@ -115,13 +135,13 @@ void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int 
 }
 void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = prepare_q80(x, static_cast<size_t>(B) * n_blocks, k.q40_bias_offset);
+    const PreparedQ80 p = prepare_q80(x, B, n_blocks, k.q40_bias_offset, k.q40_split_layout);
     parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
                   [&](int r0, int r1) { k.matmul_q80_q40_f32(p, w, y, B, rows, n_blocks, r0, r1); });
 }
 void matmul_q80_q80_f32(const BlockQ80* x, const BlockQ80* w, float* y, int B, int rows, int n_blocks) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = prepare_q80(x, static_cast<size_t>(B) * n_blocks, k.q80_bias_offset);
+    const PreparedQ80 p = prepare_q80(x, B, n_blocks, k.q80_bias_offset, false);
     parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
                   [&](int r0, int r1) { k.matmul_q80_q80_f32(p, w, y, B, rows, n_blocks, r0, r1); });
 }

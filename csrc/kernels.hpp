@@ -11,10 +11,15 @@ namespace dllama {
 // A batch of Q80 input rows, prepared once per matmul for integer dot products.
 // bias[b][k][lane] (8 lanes per block) = -offset * (sum of the 4 int8 values x[4*lane..4*lane+3])
 // where offset is what the weight kernel adds to make its weights unsigned (8 for Q40, 128 for Q80).
+// With the split layout (q40_split_layout), every group of 4 blocks is stored as the 4 first
+// halves (values 0-15 of each block, 64 bytes) then the 4 second halves: the order of the
+// unpacked low and high nibbles of 4 Q40 blocks. Its bias has 4 lanes per block:
+// bias[b][k][lane] = -offset * (sum of x[4*lane..4*lane+3] and x[16+4*lane..16+4*lane+3]).
 struct PreparedQ80 {
     const BlockQ80* blocks;  // [B][nb]
     const float* scale;      // [B][nb] the blocks' fp16 scales as f32
-    const int32_t* bias;     // [B][nb][8], may be null for paths that do not use it
+    const int32_t* bias;     // [B][nb][8] (or [B][nb][4] with the split layout); null when unused
+    const int8_t* split;     // [B][nb/4][128] with the split layout, else null
 };
 
 // Single-threaded kernels over output rows [r0, r1); x has B rows, y is [B][rows].
@@ -34,6 +39,7 @@ struct KernelTable {
     // it (0: the kernel reads no bias).
     int q40_bias_offset;
     int q80_bias_offset;
+    bool q40_split_layout;  // Q40 matmul reads PreparedQ80::split and 4-lane biases
 };
 
 const KernelTable* kernels_scalar();

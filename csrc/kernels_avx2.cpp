@@ -50,7 +50,11 @@ inline void tile(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* 
         for (int j = 0; j < BT; j++) acc[i][j] = _mm256_setzero_ps();
     for (int k = 0; k < nb; k++) {
         WeightBlock wb[RT];
-        for (int i = 0; i < RT; i++) wb[i] = load_weight<Q80W>(w + (r + i) * wrow_bytes, k);
+        for (int i = 0; i < RT; i++) {
+            // One prefetch per block reaches every cache line of the row well ahead of use.
+            _mm_prefetch(w + (r + i) * wrow_bytes + k * (Q80W ? sizeof(BlockQ80) : sizeof(BlockQ40)) + 2048, _MM_HINT_T0);
+            wb[i] = load_weight<Q80W>(w + (r + i) * wrow_bytes, k);
+        }
         for (int j = 0; j < BT; j++) {
             const size_t xi = static_cast<size_t>(b + j) * nb + k;
             const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.blocks[xi].qs));
@@ -177,7 +181,7 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
 
 const KernelTable kTable = {
     "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    quantize_q80, dot_f32, axpy_f32, 8, 0,
+    quantize_q80, dot_f32, axpy_f32, 8, 0, false,
 };
 
 }  // namespace

@@ -80,6 +80,7 @@ const KernelTable kTable = {
     axpy_f32,
     0,
     0,
+    false,
 };
 
 }  // namespace

@@ -221,3 +221,32 @@ void moe_gate(const float* logits, int B, int n_experts, int k, bool normalize, 
 }
 
 }  // namespace dllama
+
+namespace dllama {
+
+uint64_t stream_read(const uint8_t* data, size_t n) {
+    const size_t words = n / 8;
+    const uint64_t* w = reinterpret_cast<const uint64_t*>(data);
+    ThreadPool& pool = global_pool();
+    std::vector<uint64_t> partial(static_cast<size_t>(pool.size()), 0);
+    pool.run([&](int t, int nt) {
+        int64_t b, e;
+        split_range(static_cast<int64_t>(words), t, nt, 64, &b, &e);
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t i = b;
+        for (; i + 4 <= e; i += 4) {
+            s0 += w[i];
+            s1 += w[i + 1];
+            s2 += w[i + 2];
+            s3 += w[i + 3];
+        }
+        for (; i < e; i++) s0 += w[i];
+        partial[t] = s0 + s1 + s2 + s3;
+    });
+    uint64_t s = 0;
+    for (uint64_t p : partial) s += p;
+    for (size_t i = words * 8; i < n; i++) s += data[i];
+    return s;
+}
+
+}  // namespace dllama

@@ -56,3 +56,9 @@ void attention(const float* q, const float* k_cache, const float* v_cache, const
 void moe_gate(const float* logits, int B, int n_experts, int k, bool normalize, int32_t* indices, float* weights);
 
 }  // namespace dllama
+
+namespace dllama {
+// Reads every byte of a buffer once (threaded) and returns a checksum: the memory read
+// bandwidth probe of the benchmarks.
+uint64_t stream_read(const uint8_t* data, size_t n);
+}  // namespace dllama

@@ -71,14 +71,14 @@ struct TableInit {
 void quantize_q40_ref(const float* x, BlockQ40* y, size_t n_blocks) {
     for (size_t b = 0; b < n_blocks; b++) {
         const float* v = x + b * QK;
-        // The element of largest magnitude, sign kept (first one on ties).
-        float amax = 0.0f, max = 0.0f;
-        for (int j = 0; j < QK; j++) {
-            if (std::fabs(v[j]) > amax) {
-                amax = std::fabs(v[j]);
-                max = v[j];
-            }
+        // The element of largest magnitude, sign kept; when the largest positive and the most
+        // negative value tie in magnitude the positive one wins, as in distributed-llama's converter.
+        float hi = v[0], lo = v[0];
+        for (int j = 1; j < QK; j++) {
+            hi = std::fmax(hi, v[j]);
+            lo = std::fmin(lo, v[j]);
         }
+        const float max = -lo > hi ? lo : hi;
         const float d = max / -8.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         y[b].d = f32_to_f16(d);

@@ -42,3 +42,26 @@ def matmul_f32_f32_f32(x: F32, w: F32, y: F32) -> None: ...  # x (B, cols), w (r
 def matmul_f32_f16_f32(x: F32, w: U16, y: F32) -> None: ...  # w (rows, cols) fp16 bits
 def matmul_q80_q40_f32(x: U8, w: U8, y: F32) -> None: ...  # x (B, cols/32*34), w (rows, cols/32*18)
 def matmul_q80_q80_f32(x: U8, w: U8, y: F32) -> None: ...  # x (B, cols/32*34), w (rows, cols/32*34)
+
+# ---- forward-pass ops (in place where the output is the input) ---------------------------
+def rms_norm(x: F32, w: F32, out: F32, eps: float) -> None: ...  # over the last dim; out may be x
+def silu(x: F32) -> None: ...
+def gelu(x: F32) -> None: ...  # exact (erf)
+def mul(x: F32, y: F32) -> None: ...  # x *= y
+def add(x: F32, y: F32) -> None: ...  # x += y
+def softmax(x: F32) -> None: ...  # over the last dim
+def embedding(table: F32, ids: I32, out: F32) -> None: ...  # table (vocab, dim), out (B, dim)
+def rope_frequencies(
+    head_dim: int,
+    theta: float,
+    scaling_factor: float = 1.0,
+    low_freq_factor: float = 1.0,
+    high_freq_factor: float = 4.0,
+    original_max_seq_len: int = 8192,
+) -> F32: ...  # (head_dim/2,)
+def rope(x: F32, positions: I32, inv_freq: F32, n_heads: int, head_dim: int, style: str) -> None: ...
+def attention(
+    q: F32, k_cache: F32, v_cache: F32, positions: I32, out: F32, n_heads: int, n_kv_heads: int, head_dim: int
+) -> None: ...  # q/out (B, n_heads*head_dim), caches (seq_len, n_kv_heads*head_dim)
+def moe_gate(logits: F32, k: int, normalize: bool = True) -> tuple[I32, F32]: ...
+def stream_read(data: U8) -> int: ...  # bandwidth probe

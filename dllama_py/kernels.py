@@ -44,6 +44,7 @@ rope_frequencies = _core.rope_frequencies
 rope = _core.rope
 attention = _core.attention
 moe_gate = _core.moe_gate
+stream_read = _core.stream_read
 
 matmul_f32_f32_f32 = _core.matmul_f32_f32_f32
 matmul_f32_f16_f32 = _core.matmul_f32_f16_f32

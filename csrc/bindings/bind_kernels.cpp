@@ -285,4 +285,10 @@ void bind_kernels(py::module_& m) {
         return py::make_tuple(idx, wts);
     }, py::arg("logits"), py::arg("k"), py::arg("normalize") = true,
        "softmax over experts, top k by probability; returns (indices int32 (B,k), weights f32 (B,k))");
+    m.def("stream_read", [](const py::array& data) {
+        const uint8_t* p = in_ptr<uint8_t>(data, "data");
+        const size_t n = static_cast<size_t>(data.size());
+        py::gil_scoped_release nogil;
+        return stream_read(p, n);
+    }, py::arg("data"), "read every byte once on all threads (bandwidth probe); returns a checksum");
 }
