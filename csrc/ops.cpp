@@ -75,6 +75,17 @@ void add(float* x, const float* y, size_t n) {
     });
 }
 
+void add_q80(float* x, const BlockQ80* y, size_t n_blocks) {
+    parallel_for(static_cast<int64_t>(n_blocks), n_blocks * QK, [&](int64_t b, int64_t e) {
+        for (int64_t k = b; k < e; k++) {
+            const float d = f16_lut(y[k].d);
+            float* o = x + k * QK;
+#pragma omp simd
+            for (int j = 0; j < QK; j++) o[j] += static_cast<float>(y[k].qs[j]) * d;
+        }
+    });
+}
+
 void softmax(float* x, int n_rows, int n) {
     parallel_for(n_rows, static_cast<size_t>(n_rows) * n * 4, [&](int64_t b, int64_t e) {
         for (int64_t r = b; r < e; r++) {

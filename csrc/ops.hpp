@@ -29,6 +29,7 @@ void silu(float* x, size_t n);                 // x * sigmoid(x), in place
 void gelu(float* x, size_t n);                 // exact (erf) GELU, in place
 void mul(float* x, const float* y, size_t n);  // x *= y
 void add(float* x, const float* y, size_t n);  // x += y
+void add_q80(float* x, const BlockQ80* y, size_t n_blocks);  // x += dequantized y
 void softmax(float* x, int n_rows, int n);     // each row in place
 // Rows of the embedding table: out[b] = table[ids[b]]; throws on an id outside [0, vocab).
 void embedding(const float* table, int vocab, int dim, const int32_t* ids, int B, float* out);

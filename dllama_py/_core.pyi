@@ -49,6 +49,7 @@ def silu(x: F32) -> None: ...
 def gelu(x: F32) -> None: ...  # exact (erf)
 def mul(x: F32, y: F32) -> None: ...  # x *= y
 def add(x: F32, y: F32) -> None: ...  # x += y
+def add_q80(x: F32, q: U8) -> None: ...  # x += dequantize_q80(q), q holds x.size values
 def softmax(x: F32) -> None: ...  # over the last dim
 def embedding(table: F32, ids: I32, out: F32) -> None: ...  # table (vocab, dim), out (B, dim)
 def rope_frequencies(

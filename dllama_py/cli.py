@@ -3,14 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
 
-from . import __version__
+from dllama_py import __version__
+
+STATS_PROMPT = "🔷️ Eval{compute:5.0f} ms Sync{sync:5.0f} ms | Sent{sent:6d} kB Recv{recv:6d} kB | ({tokens} tokens)"
+STATS_TOKEN = "🔶 Pred{compute:5.0f} ms Sync{sync:5.0f} ms | Sent{sent:6d} kB Recv{recv:6d} kB | {piece}"
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line, exit status 1."""
 
 
 def version_text() -> str:
     """Package version, SIMD paths compiled in, the path this CPU uses and the default threads."""
-    from . import kernels
+    from dllama_py import kernels
 
     return (
         f"dllama-py {__version__}\n"
@@ -21,6 +32,39 @@ def version_text() -> str:
     )
 
 
+# ---- arguments ------------------------------------------------------------------------------
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags shared by every command that loads a model (inference, chat, dllama-api)."""
+    p.add_argument("--model", required=True, metavar="M", help="model file (.m, distributed-llama format)")
+    p.add_argument("--tokenizer", required=True, metavar="T", help="tokenizer file (.t)")
+    p.add_argument("--nthreads", type=int, default=None, metavar="K",
+                   help="compute threads on this node (default: all cores)")
+    p.add_argument("--buffer-float-type", choices=("f32", "q80"), default=None,
+                   help="type of the activations exchanged between nodes (default: q80 for q40/q80 "
+                        "weights, f32 otherwise)")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
+                   help="context length (KV cache size); default: the model's, capped to fit in memory")
+    p.add_argument("--kv-cache-storage", choices=("ram", "disk"), default="ram",
+                   help="keep the KV cache in RAM or in a memory-mapped temporary file (default ram)")
+    p.add_argument("--nbatches", type=int, default=32, metavar="N",
+                   help="prompt tokens evaluated together in one batch (default 32)")
+    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
+                   help="worker nodes to run the model on together with this one (tensor parallel)")
+    p.add_argument("--secret", default=None,
+                   help="shared secret the workers must know (default: $DLLAMA_SECRET); authenticates, "
+                        "does not encrypt")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, default=0.8, metavar="X",
+                   help="sampling temperature; 0 is greedy (default 0.8)")
+    p.add_argument("--topp", type=float, default=0.9, metavar="X",
+                   help="top-p (nucleus) sampling mass; outside (0, 1) samples from all tokens (default 0.9)")
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="random seed for reproducible sampling (default: from the clock)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dllama",
@@ -28,14 +72,239 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="store_true", help="print version, SIMD paths and default threads")
     sub = parser.add_subparsers(dest="mode", metavar="MODE")
-    for name, text in (
-        ("inference", "generate text from a prompt and print statistics"),
-        ("chat", "interactive multi-turn chat in the terminal"),
-        ("worker", "serve as a worker node of a cluster"),
-        ("demo", "make a small random model and run it on two local nodes"),
-    ):
-        sub.add_parser(name, help=text, description=text)
+
+    inf = sub.add_parser("inference", help="generate text from a prompt and print statistics",
+                         description="Generate text from a prompt; text goes to stdout, statistics to stderr.")
+    add_engine_arguments(inf)
+    add_sampling_arguments(inf)
+    prompt = inf.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", metavar="P", help="the prompt text")
+    prompt.add_argument("--prompt-ids", metavar="IDS", help="the prompt as comma-separated token ids, e.g. 1,403,407")
+    inf.add_argument("--steps", type=int, required=True, metavar="N", help="number of tokens to generate")
+    inf.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
+    inf.add_argument("--json", action="store_true",
+                     help="print JSON lines instead of text: prompt ids, one object per token, statistics")
+
+    chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
+                          description="Chat with the model; an empty line or end of input quits.")
+    add_engine_arguments(chat)
+    add_sampling_arguments(chat)
+    chat.add_argument("--chat-template", default=None,
+                      choices=("llama2", "llama3", "chatml", "deepseek3", "none"),
+                      help="template to use when the tokenizer has none (default: the tokenizer's own)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--max-tokens", type=int, default=1024, metavar="N", help="longest answer (default 1024)")
+
+    worker = sub.add_parser("worker", help="serve as a worker node of a cluster",
+                            description="Wait for a root, receive its plan and weight slices, follow its steps; "
+                                        "when the root goes away, free everything and wait for the next.")
+    worker.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998)")
+    worker.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    worker.add_argument("--nthreads", type=int, default=None, metavar="K", help="compute threads (default: all cores)")
+    worker.add_argument("--secret", default=None,
+                        help="shared secret a root must know (default: $DLLAMA_SECRET)")
+    worker.add_argument("--once", action="store_true", help="exit after serving one root (for scripts)")
+
+    demo = sub.add_parser("demo", help="make a small random model and run it on two local nodes",
+                          description="Make a small random Llama model, start one worker on 127.0.0.1 and run "
+                                      "inference across the two nodes; cleans up afterwards.")
+    demo.add_argument("--nodes", type=int, default=2, help="nodes to run on, root included (default 2)")
+    demo.add_argument("--steps", type=int, default=32, help="tokens to generate (default 32)")
+    demo.add_argument("--nthreads", type=int, default=1, help="threads per node (default 1)")
     return parser
+
+
+# ---- shared pieces --------------------------------------------------------------------------
+
+def check_threads(threads: int | None) -> None:
+    from dllama_py import kernels
+
+    if threads is None:
+        return
+    if threads < 1:
+        raise UserError(f"--nthreads must be at least 1, got {threads}")
+    if threads > kernels.hardware_threads():
+        print(f"warning: --nthreads {threads} is more than the {kernels.hardware_threads()} cores of this "
+              "computer; it will be slower, not faster", file=sys.stderr)
+
+
+def load_tokenizer(path: str):  # -> Tokenizer
+    from dllama_py.tokenizer import Tokenizer
+
+    if not Path(path).is_file():
+        raise UserError(f"tokenizer file not found: {path}")
+    return Tokenizer.load(path)
+
+
+def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Engine
+    """A LocalEngine, or a cluster engine when --workers are given."""
+    check_threads(args.nthreads)
+    if args.workers:
+        from dllama_py.cluster.root import ClusterEngine
+
+        secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
+        return ClusterEngine(args.model, args.workers, threads=args.nthreads, buffer_type=args.buffer_float_type,
+                             max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage,
+                             max_batch=args.nbatches, secret=secret, log=log)
+    from dllama_py.engine import LocalEngine
+
+    return LocalEngine(args.model, threads=args.nthreads, buffer_type=args.buffer_float_type,
+                       max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage, max_batch=args.nbatches)
+
+
+def check_vocab(engine, tokenizer) -> None:
+    if tokenizer.vocab_size > engine.config.vocab_size:
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {engine.config.vocab_size}: "
+                        "they do not belong together")
+
+
+def log_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def format_step(stats, template: str, piece: str = "") -> str:
+    return template.format(compute=stats.compute_ms, sync=stats.sync_ms, sent=stats.bytes_sent // 1024,
+                           recv=stats.bytes_received // 1024, tokens=stats.tokens, piece=piece)
+
+
+# ---- modes ----------------------------------------------------------------------------------
+
+def cmd_inference(args: argparse.Namespace) -> int:
+    from dllama_py.generate import Generator
+    from dllama_py.sampler import Sampler
+
+    if args.steps < 0:
+        raise UserError(f"--steps must not be negative, got {args.steps}")
+    tokenizer = load_tokenizer(args.tokenizer)
+    if args.prompt_ids is not None:
+        try:
+            prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"--prompt-ids must be comma-separated integers, got {args.prompt_ids!r}") from None
+    else:
+        prompt_ids = tokenizer.encode(args.prompt, add_bos=tokenizer.add_bos)
+    if not prompt_ids:
+        raise UserError("the prompt is empty")
+    engine = make_engine(args, log_stderr)
+    try:
+        check_vocab(engine, tokenizer)
+        bad = [t for t in prompt_ids if not 0 <= t < min(engine.config.vocab_size, tokenizer.vocab_size)]
+        if bad:
+            raise UserError(f"--prompt-ids has ids outside the vocabulary: {bad[:5]}")
+        log_stderr(engine.info.plan_text)
+        for note in engine.info.notes:
+            log_stderr(f"note: {note}")
+        log_stderr(f"weights {engine.info.weight_type}, buffer {engine.info.buffer_type}, "
+                   f"context {engine.info.seq_len}, threads {engine.info.threads}")
+        generator = Generator(engine, tokenizer, args.nbatches)
+        sampler = Sampler(args.temperature, args.topp, args.seed)
+        out = sys.stdout
+        if args.json:
+            out.write(json.dumps({"prompt_ids": prompt_ids}) + "\n")
+        else:
+            out.write(args.prompt if args.prompt is not None else tokenizer.decode(prompt_ids))
+        out.flush()
+
+        def on_prompt_step(stats) -> None:
+            log_stderr(format_step(stats, STATS_PROMPT))
+
+        def on_token(event) -> None:
+            if event.stats is not None:
+                log_stderr(format_step(event.stats, STATS_TOKEN, event.text.replace("\n", "\\n")))
+            if args.json:
+                if event.id >= 0:
+                    out.write(json.dumps({"id": event.id, "text": event.text}) + "\n")
+            else:
+                out.write(event.text)
+            out.flush()
+
+        result = generator.generate(prompt_ids, args.steps, sampler, stop_ids=[] if args.ignore_eos else None,
+                                    on_token=on_token, on_prompt_step=on_prompt_step)
+        if not args.json:
+            out.write("\n")
+        prompt_ms = sum(s.compute_ms + s.sync_ms for s in result.prompt_steps)
+        gen_ms = sum(s.compute_ms + s.sync_ms for s in result.token_steps)
+        n_gen = len(result.token_steps)
+        summary = {
+            "prompt_tokens": result.prompt_tokens_evaluated,
+            "prompt_batches": len(result.prompt_steps),
+            "prompt_tokens_per_s": result.prompt_tokens_per_second(),
+            "prompt_ms_per_token": prompt_ms / max(1, result.prompt_tokens_evaluated),
+            "generated_tokens": len(result.generated_ids),
+            "gen_tokens_per_s": result.generation_tokens_per_second(),
+            "gen_ms_per_token": gen_ms / max(1, n_gen),
+            "sync_ms_per_token": sum(s.sync_ms for s in result.token_steps) / max(1, n_gen),
+            "bytes_sent_per_token": sum(s.bytes_sent for s in result.token_steps) / max(1, n_gen),
+            "bytes_received_per_token": sum(s.bytes_received for s in result.token_steps) / max(1, n_gen),
+            "finish_reason": result.finish_reason,
+        }
+        log_stderr("Evaluation")
+        log_stderr(f"   nBatches: {args.nbatches}")
+        log_stderr(f"    nTokens: {summary['prompt_tokens']}")
+        log_stderr(f"   tokens/s: {summary['prompt_tokens_per_s']:.2f} ({summary['prompt_ms_per_token']:.2f} ms/tok)")
+        log_stderr("Prediction")
+        log_stderr(f"    nTokens: {n_gen}")
+        log_stderr(f"   tokens/s: {summary['gen_tokens_per_s']:.2f} ({summary['gen_ms_per_token']:.2f} ms/tok)")
+        if args.json:
+            out.write(json.dumps({"stats": summary}) + "\n")
+            out.flush()
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from dllama_py.chat_session import ChatSession
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    engine = make_engine(args, log_stderr)
+    try:
+        check_vocab(engine, tokenizer)
+        log_stderr(engine.info.plan_text)
+        for note in engine.info.notes:
+            log_stderr(f"note: {note}")
+        session = ChatSession(engine, tokenizer, args.chat_template, args.nbatches)
+        from dllama_py.sampler import Sampler
+
+        sampler = Sampler(args.temperature, args.topp, args.seed)
+        if args.system:
+            session.add_system(args.system)
+        print("Type a message and press Enter; an empty line or Ctrl-D quits.", file=sys.stderr)
+        while True:
+            try:
+                line = input("\n💻 User: ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            sys.stdout.write("🤖 Assistant: ")
+            sys.stdout.flush()
+
+            def on_token(event) -> None:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+
+            result = session.reply(line, sampler, args.max_tokens, on_token)
+            sys.stdout.write("\n")
+            log_stderr(f"({result.prompt_tokens_evaluated} prompt tokens evaluated, "
+                       f"{len(result.generated_ids)} generated, {result.generation_tokens_per_second():.1f} tokens/s)")
+    finally:
+        engine.close()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from dllama_py.cluster.worker import serve
+
+    check_threads(args.nthreads)
+    secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
+    return serve(args.host, args.port, args.nthreads, secret, once=args.once)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dllama_py.demo import run_demo
+
+    return run_demo(nodes=args.nodes, steps=args.steps, threads=args.nthreads)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,8 +316,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode is None:
         parser.print_help()
         return 2
-    print(f"dllama {args.mode}: not built yet", file=sys.stderr)
-    return 2
+    handlers = {"inference": cmd_inference, "chat": cmd_chat, "worker": cmd_worker, "demo": cmd_demo}
+    try:
+        return handlers[args.mode](args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError, RuntimeError, ConnectionError) as error:
+        # Bad files, impossible plans, unreachable or failing workers: the message says what and where.
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

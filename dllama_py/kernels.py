@@ -38,6 +38,7 @@ silu = _core.silu
 gelu = _core.gelu
 mul = _core.mul
 add = _core.add
+add_q80 = _core.add_q80
 softmax = _core.softmax
 embedding = _core.embedding
 rope_frequencies = _core.rope_frequencies

@@ -208,6 +208,15 @@ void bind_kernels(py::module_& m) {
         py::gil_scoped_release nogil;
         add(p, q, n);
     }, py::arg("x"), py::arg("y"), "x += y");
+    m.def("add_q80", [](py::array& x, const py::array& q) {
+        float* p = out_ptr<float>(x, "x");
+        const uint8_t* qp = in_ptr<uint8_t>(q, "q");
+        const ssize_t nb = static_cast<ssize_t>(q.size()) / static_cast<ssize_t>(sizeof(BlockQ80));
+        if (q.size() % sizeof(BlockQ80) || nb * QK != x.size())
+            throw py::value_error("q must hold the Q80 blocks of exactly x.size values");
+        py::gil_scoped_release nogil;
+        add_q80(p, reinterpret_cast<const BlockQ80*>(qp), static_cast<size_t>(nb));
+    }, py::arg("x"), py::arg("q"), "x += dequantize_q80(q)");
     m.def("softmax", [](py::array& x) {
         float* p = out_ptr<float>(x, "x");
         const int n = static_cast<int>(last_dim(x, "x"));

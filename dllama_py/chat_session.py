@@ -1,0 +1,67 @@
+"""Chat on top of the generator: render the conversation with its template, encode it, stop at
+the template's end-of-turn token. Used by `dllama chat` and by `dllama-api`.
+
+Each turn re-renders the whole conversation; the generator's KV cache already holds the
+common prefix (the earlier turns), so only the new tokens are evaluated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dllama_py.chat import end_of_turn_tokens, render_chat, resolve_template
+from dllama_py.engine import Engine
+from dllama_py.generate import GenerationResult, Generator, TokenEvent
+from dllama_py.sampler import Sampler
+from dllama_py.tokenizer import Tokenizer
+
+
+class ChatFormat:
+    """A tokenizer plus the chat template to use with it."""
+
+    def __init__(self, tokenizer: Tokenizer, template_choice: str | None = None) -> None:
+        self.tokenizer = tokenizer
+        self.template = resolve_template(template_choice, tokenizer.chat_template)
+        self.bos_text = self._piece_text(tokenizer.bos_id) if tokenizer.add_bos else ""
+        first_eos = tokenizer.eos_ids[0] if tokenizer.eos_ids else None
+        self.eos_text = self._piece_text(first_eos)
+        stop_strings = end_of_turn_tokens(self.template, self.eos_text or None)
+        ids = {tokenizer.token_to_id(s) for s in stop_strings}
+        self.stop_ids = sorted({i for i in ids if i is not None} | set(tokenizer.eos_ids))
+
+    def _piece_text(self, token_id: int | None) -> str:
+        if token_id is None:
+            return ""
+        return self.tokenizer.id_to_piece(token_id).decode("utf-8", errors="replace")
+
+    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of the rendered conversation (BOS once, special tokens as tokens)."""
+        text = render_chat(self.template, list(messages), add_generation_prompt,
+                           bos_token=self.bos_text, eos_token=self.eos_text)
+        starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
+        ids = self.tokenizer.encode(text, add_bos=self.tokenizer.add_bos and not starts_with_bos,
+                                    parse_special=True)
+        return ids
+
+
+class ChatSession:
+    """A multi-turn conversation in the terminal (or any caller) over one generator."""
+
+    def __init__(self, engine: Engine, tokenizer: Tokenizer, template_choice: str | None = None,
+                 nbatches: int | None = None) -> None:
+        self.format = ChatFormat(tokenizer, template_choice)
+        self.generator = Generator(engine, tokenizer, nbatches)
+        self.messages: list[dict[str, Any]] = []
+
+    def add_system(self, text: str) -> None:
+        self.messages.append({"role": "system", "content": text})
+
+    def reply(self, user_text: str, sampler: Sampler, max_tokens: int,
+              on_token: Callable[[TokenEvent], None] | None = None) -> GenerationResult:
+        """Add the user's message, generate the assistant's answer, keep both in the history."""
+        self.messages.append({"role": "user", "content": user_text})
+        ids = self.format.encode(self.messages)
+        result = self.generator.generate(ids, max_tokens, sampler, stop_ids=self.format.stop_ids, on_token=on_token)
+        self.messages.append({"role": "assistant", "content": result.text})
+        return result

@@ -1,0 +1,188 @@
+"""The model on this computer: load a `.m` file, size the KV cache, run steps.
+
+`Engine` is what the generator drives; `LocalEngine` runs the whole model on one node, and
+`cluster.root.ClusterEngine` runs it on 1 + N workers with the same interface.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from dllama_py import kernels
+from dllama_py.config import FloatType, ModelConfig
+from dllama_py.forward import LocalSync, NodeForward
+from dllama_py.formats.model_file import ModelFile, read_model
+from dllama_py.plan import Plan, cut_tensor
+
+BUFFER_TYPES = ("f32", "q80")
+
+
+class EngineError(RuntimeError):
+    """The engine cannot run as asked; the message says what to change."""
+
+
+@dataclass
+class StepStats:
+    """Timing and traffic of one step (one batch of tokens through the model)."""
+
+    tokens: int
+    compute_ms: float
+    sync_ms: float = 0.0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class EngineInfo:
+    """What a user-facing command shows about a loaded engine."""
+
+    nodes: int
+    plan_text: str
+    weight_type: str
+    buffer_type: str
+    seq_len: int
+    threads: int
+    notes: list[str] = field(default_factory=list)
+
+
+class Engine(Protocol):
+    """A loaded model that evaluates tokens at positions and keeps their keys and values."""
+
+    config: ModelConfig
+    seq_len: int
+    max_batch: int
+    info: EngineInfo
+
+    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False) -> StepStats:
+        """Evaluate `tokens` at positions start_pos.. (at most max_batch of them)."""
+        ...
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last step: (vocab,) for its last token, or (B, vocab) with all_logits."""
+        ...
+
+    def argmax(self) -> int:
+        """The most likely next token after the last step (first index on ties)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def available_memory() -> int:
+    """Bytes of RAM the kernel says are available (MemAvailable), or 8 GiB if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node: int = 0) -> tuple[int, str | None]:
+    """The KV cache length: the model's, or `requested` (which may only lower it), capped so the
+    cache takes at most half of the available RAM. Returns (length, message or None)."""
+    if requested is not None and requested <= 0:
+        raise EngineError(f"--max-seq-len must be positive, got {requested}")
+    if requested is not None and requested > config.max_seq_len:
+        return config.max_seq_len, (f"--max-seq-len {requested} is above the model's context of "
+                                    f"{config.max_seq_len}; using {config.max_seq_len}")
+    seq_len = requested or config.max_seq_len
+    per_position = plan.node_kv_cache_bytes(node, 1)
+    budget = available_memory() // 2
+    if requested is None and seq_len * per_position > budget:
+        capped = max(256, budget // per_position // 256 * 256)
+        if capped < seq_len:
+            return capped, (f"the model's context of {seq_len} tokens needs "
+                            f"{seq_len * per_position / 2**30:.1f} GiB of KV cache; using {capped} tokens "
+                            f"({capped * per_position / 2**30:.1f} GiB) to fit in memory "
+                            "(set --max-seq-len to choose)")
+    return seq_len, None
+
+
+def default_buffer_type(config: ModelConfig) -> str:
+    """q80 for quantized weights (as distributed-llama requires), f32 otherwise."""
+    return "q80" if config.weight_float_type in (FloatType.Q40, FloatType.Q80) else "f32"
+
+
+def load_node_weights(model: ModelFile, plan: Plan, node: int) -> dict[str, np.ndarray]:
+    """Node `node`'s slice of every tensor it holds: row slices are views of the mapped file,
+    column slices contiguous copies (the embedding stays with the root)."""
+    out = {}
+    for tensor in model:
+        cut = plan.cut(tensor.name, node)
+        if cut.kind == "root":
+            continue
+        out[tensor.name] = cut_tensor(tensor.data, tensor.float_type, cut)
+    return out
+
+
+def open_model(path: str | os.PathLike[str]) -> ModelFile:
+    """Open a `.m` file; a missing or unreadable file becomes an EngineError with the path."""
+    p = Path(path)
+    if not p.is_file():
+        raise EngineError(f"model file not found: {p}")
+    return read_model(p)
+
+
+class LocalEngine:
+    """The whole model on this computer: one node, memory-mapped weights."""
+
+    def __init__(self, model_path: str | os.PathLike[str], threads: int | None = None,
+                 buffer_type: str | None = None, max_seq_len: int | None = None,
+                 kv_storage: str = "ram", max_batch: int = 32) -> None:
+        self.model = open_model(model_path)
+        self.config = self.model.config
+        self.buffer_type = buffer_type or default_buffer_type(self.config)
+        if self.buffer_type not in BUFFER_TYPES:
+            raise EngineError(f"--buffer-float-type must be one of {', '.join(BUFFER_TYPES)}")
+        if threads is not None:
+            kernels.set_num_threads(threads)
+        self.plan = Plan.make(self.config, 1)
+        self.seq_len, note = choose_seq_len(self.config, self.plan, max_seq_len)
+        self.max_batch = max_batch
+        self.embedding = self.model["embedding"]
+        weights = load_node_weights(self.model, self.plan, 0)
+        sync = LocalSync(self.buffer_type, max_batch, self.config.dim)
+        self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage)
+        self.x = np.zeros((max_batch, self.config.dim), dtype=np.float32)
+        self._last: np.ndarray | None = None
+        self.info = EngineInfo(1, self.plan.describe(self.seq_len), self.config.weight_float_type.label,
+                               self.buffer_type, self.seq_len, kernels.get_num_threads(),
+                               [note] if note else [])
+
+    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False) -> StepStats:
+        start = time.perf_counter()
+        B = len(tokens)
+        if not 0 < B <= self.max_batch:
+            raise EngineError(f"a step takes 1 to {self.max_batch} tokens, got {B}")
+        x = self.x[:B]
+        kernels.embedding(self.embedding, np.asarray(tokens, dtype=np.int32), x)
+        positions = np.arange(start_pos, start_pos + B, dtype=np.int32)
+        self._last = self.forward.forward(x, positions, all_logits)
+        return StepStats(B, (time.perf_counter() - start) * 1e3)
+
+    def logits(self) -> np.ndarray:
+        if self._last is None:
+            raise EngineError("no step has run yet")
+        return self._last[0] if self._last.shape[0] == 1 else self._last
+
+    def argmax(self) -> int:
+        return int(np.argmax(self.logits() if self._last.shape[0] == 1 else self._last[-1]))
+
+    def close(self) -> None:
+        self.forward.close()
+        self._last = None
+
+
+def warn(message: str) -> None:
+    """One line on stderr for the user."""
+    print(f"warning: {message}", file=sys.stderr)

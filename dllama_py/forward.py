@@ -1,0 +1,222 @@
+"""One node's forward pass over its slice of the model (the whole model on one node).
+
+Every node of a cluster, the root included, runs this same code (SPMD). Per layer:
+norm, q/k/v for the node's heads, (Qwen3 q/k norm), RoPE, KV cache, attention, the node's
+columns of wo -> partial -> SYNC; norm, feed-forward rows -> partial -> SYNC. Each SYNC adds
+the partials of all nodes to the replicated residual `x` (ARCHITECTURE.md, steps 1-6).
+
+Shapes: B = rows in the batch (prompt tokens evaluated together, 1 when decoding),
+D = dim, Q/K = the node's query/KV widths, F = the node's feed-forward rows.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Protocol
+
+import numpy as np
+
+from dllama_py import kernels
+from dllama_py.config import ArchType, FloatType, HiddenAct, ModelConfig, RopeType
+from dllama_py.plan import Plan
+
+
+class Sync(Protocol):
+    """How partial sums meet: x += the sum of every node's partial."""
+
+    def reduce_add(self, partial: np.ndarray, x: np.ndarray, label: str) -> None:
+        """x (B, D) += sum over nodes of partial (B, D); `label` names the step for errors."""
+        ...
+
+
+class LocalSync:
+    """The sync of a one-node cluster: the partial goes through the buffer type like on a wire
+    (q80 rounding or none), so one node computes what N nodes compute."""
+
+    def __init__(self, buffer_type: str, max_batch: int, dim: int) -> None:
+        self.buffer_type = buffer_type
+        self.buffer = np.zeros((max_batch, dim // 32 * 34 if buffer_type == "q80" else dim),
+                               dtype=np.uint8 if buffer_type == "q80" else np.float32)
+
+    def reduce_add(self, partial: np.ndarray, x: np.ndarray, label: str) -> None:
+        if self.buffer_type == "q80":
+            q = self.buffer[: partial.shape[0]]
+            kernels.quantize_q80_into(partial, q)
+            kernels.add_q80(x, q)
+        else:
+            kernels.add(x, partial)
+
+
+class KVCache:
+    """Keys and values of the node's KV heads for every layer: (layers, seq_len, K) float32,
+    in RAM or in a memory-mapped temporary file (`storage="disk"`)."""
+
+    def __init__(self, n_layers: int, seq_len: int, width: int, storage: str = "ram") -> None:
+        shape = (n_layers, seq_len, width)
+        self.path: str | None = None
+        if storage == "disk":
+            fd, self.path = tempfile.mkstemp(prefix="dllama-kv-", suffix=".bin")
+            os.close(fd)
+            self.keys = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(2, *shape))
+            self.values = self.keys[1]
+            self.keys = self.keys[0]
+        elif storage == "ram":
+            self.keys = np.zeros(shape, dtype=np.float32)
+            self.values = np.zeros(shape, dtype=np.float32)
+        else:
+            raise ValueError(f"KV cache storage must be 'ram' or 'disk', got {storage!r}")
+        self.seq_len = seq_len
+
+    def close(self) -> None:
+        """Release the cache (and delete its file for disk storage)."""
+        self.keys = self.values = np.zeros((0, 0, 0), dtype=np.float32)
+        if self.path:
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            self.path = None
+
+
+class NodeForward:
+    """The forward pass of node `node` of `plan` over the weights it holds.
+
+    `weights` maps tensor names (see formats.model_file.tensor_specs) to the node's slices as
+    stored (f32, fp16 bits, or Q40/Q80 blocks), cut by `plan.cut`. Buffers are allocated once
+    for batches of up to `max_batch` rows.
+    """
+
+    def __init__(self, plan: Plan, node: int, weights: Mapping[str, np.ndarray], sync: Sync,
+                 seq_len: int, max_batch: int = 32, kv_storage: str = "ram") -> None:
+        c = self.config = plan.config
+        s = self.slice = plan.nodes[node]
+        self.w = weights
+        self.sync = sync
+        self.seq_len = seq_len
+        self.max_batch = max_batch
+        self.wtype = c.weight_float_type.label
+        self.quantized_input = c.weight_float_type in (FloatType.Q40, FloatType.Q80)
+        self.q_width = s.n_heads * c.head_dim
+        self.kv_width = s.n_kv_heads * c.head_dim
+        self.cache = KVCache(c.n_layers, seq_len, self.kv_width, kv_storage)
+        self.rope_style = "rotate_half" if c.rope_type == RopeType.FALCON else "interleaved"
+        if c.has_rope_scaling:
+            self.inv_freq = kernels.rope_frequencies(
+                c.head_dim, float(c.rope_theta), float(c.rope_scaling_factor),
+                float(c.rope_scaling_low_freq_factor), float(c.rope_scaling_high_freq_factor),
+                c.rope_scaling_orig_max_seq_len)
+        else:
+            self.inv_freq = kernels.rope_frequencies(c.head_dim, float(c.rope_theta))
+        self.activation = kernels.gelu if c.hidden_act == HiddenAct.GELU else kernels.silu
+
+        def buf(width: int) -> np.ndarray:
+            return np.zeros((max_batch, width), dtype=np.float32)
+
+        d = c.dim
+        self.h, self.partial = buf(d), buf(d)
+        self.q, self.k, self.v, self.att = buf(self.q_width), buf(self.kv_width), buf(self.kv_width), buf(self.q_width)
+        self.ff_a, self.ff_b = buf(s.ff_width), buf(s.ff_width)
+        self.logits = buf(s.vocab_width)
+        widest = max(d, self.q_width, s.ff_width)
+        self.xq = np.zeros((max_batch, widest // 32 * 34), dtype=np.uint8)  # q80 input of a matmul
+        if c.arch == ArchType.QWEN3_MOE:
+            self.router_logits = buf(c.n_experts)
+            self.expert_out = buf(d)
+
+    # ---- helpers ---------------------------------------------------------------------------
+    def _input(self, x: np.ndarray) -> np.ndarray:
+        """The input a matmul over this model's weights takes: q80 blocks of x, or x itself."""
+        if not self.quantized_input:
+            return x
+        rows, width = x.shape
+        q = self.xq[:rows, : width // 32 * 34]
+        kernels.quantize_q80_into(x, q)
+        return q
+
+    def _matmul(self, x_in: np.ndarray, name: str, out: np.ndarray) -> None:
+        kernels.matmul(x_in, self.w[name], self.wtype, out)
+
+    def _norm_weight(self, name: str) -> np.ndarray:
+        return self.w[name].reshape(-1)
+
+    # ---- the pass --------------------------------------------------------------------------
+    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False) -> np.ndarray:
+        """Run every layer on x (B, D) float32 in place for tokens at `positions` (B,) int32,
+        writing their keys and values to the KV cache. Returns this node's classifier slice
+        of the logits: (B, V_node) when all_logits, else (1, V_node) for the last row."""
+        c, B = self.config, x.shape[0]
+        if B > self.max_batch:
+            raise ValueError(f"batch of {B} rows is larger than the {self.max_batch} this node was built for")
+        pos0 = int(positions[0])
+        if pos0 + B > self.seq_len:
+            raise ValueError(f"positions {pos0}..{pos0 + B - 1} do not fit the context of {self.seq_len} tokens")
+        h, partial = self.h[:B], self.partial[:B]
+        for layer in range(c.n_layers):
+            p = f"layers.{layer}."
+            # attention: (B, D) -> q (B, Q), k/v (B, K) -> att (B, Q) -> partial (B, D)
+            kernels.rms_norm(x, self._norm_weight(p + "attention_norm"), h, c.norm_epsilon)
+            hq = self._input(h)
+            q, k, v = self.q[:B], self.k[:B], self.v[:B]
+            self._matmul(hq, p + "wq", q)
+            self._matmul(hq, p + "wk", k)
+            self._matmul(hq, p + "wv", v)
+            if c.has_qk_norm:
+                kernels.rms_norm(q, self._norm_weight(p + "q_norm"), q, c.norm_epsilon)
+                kernels.rms_norm(k, self._norm_weight(p + "k_norm"), k, c.norm_epsilon)
+            kernels.rope(q, positions, self.inv_freq, self.slice.n_heads, c.head_dim, self.rope_style)
+            kernels.rope(k, positions, self.inv_freq, self.slice.n_kv_heads, c.head_dim, self.rope_style)
+            keys, values = self.cache.keys[layer], self.cache.values[layer]
+            keys[pos0:pos0 + B] = k
+            values[pos0:pos0 + B] = v
+            att = self.att[:B]
+            kernels.attention(q, keys, values, positions, att, self.slice.n_heads, self.slice.n_kv_heads,
+                              c.head_dim)
+            self._matmul(self._input(att), p + "wo", partial)
+            self.sync.reduce_add(partial, x, f"layer {layer} attention sync")
+
+            # feed-forward: (B, D) -> (B, F) -> partial (B, D)
+            kernels.rms_norm(x, self._norm_weight(p + "ffn_norm"), h, c.norm_epsilon)
+            if c.is_moe:
+                self._moe(p, h, partial)
+            else:
+                self._ffn(p, self._input(h), partial)
+            self.sync.reduce_add(partial, x, f"layer {layer} feed-forward sync")
+
+        rows = x if all_logits else x[B - 1:]
+        out_h = self.h[: rows.shape[0]]
+        kernels.rms_norm(rows, self._norm_weight("final_norm"), out_h, c.norm_epsilon)
+        logits = self.logits[: rows.shape[0]]
+        self._matmul(self._input(out_h), "classifier", logits)
+        return logits
+
+    def _ffn(self, prefix: str, hq: np.ndarray, out: np.ndarray) -> None:
+        """out (n, D) = w2 (activation(w1 h) * w3 h) over this node's rows of the FFN `prefix`."""
+        n = out.shape[0]
+        a, b = self.ff_a[:n], self.ff_b[:n]
+        self._matmul(hq, prefix + "w1", a)
+        self._matmul(hq, prefix + "w3", b)
+        self.activation(a)
+        kernels.mul(a, b)
+        self._matmul(self._input(a), prefix + "w2", out)
+
+    def _moe(self, prefix: str, h: np.ndarray, out: np.ndarray) -> None:
+        """Mixture of experts: the router runs on every node; each routed expert's FFN runs on
+        the rows sent to it, weighted by the renormalised router probability."""
+        c, B = self.config, h.shape[0]
+        router_logits = self.router_logits[:B]
+        kernels.matmul_f32_f32_f32(h, self.w[prefix + "router"], router_logits)
+        experts, weights = kernels.moe_gate(router_logits, c.n_active_experts, True)
+        out[:] = 0.0
+        hq = self._input(h).copy() if self.quantized_input else h.copy()
+        for expert in np.unique(experts):
+            rows, slots = np.nonzero(experts == expert)
+            x_in = np.ascontiguousarray(hq[rows])
+            y = self.expert_out[: len(rows)]
+            self._ffn(f"{prefix}experts.{expert}.", x_in, y)
+            out[rows] += weights[rows, slots, None] * y
+
+    def close(self) -> None:
+        """Free the KV cache."""
+        self.cache.close()
