@@ -4,8 +4,10 @@
 namespace py = pybind11;
 
 void bind_kernels(py::module_& m);
+void bind_net(py::module_& m);
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "dllama-py C++ core: quantization, matmul and forward-pass kernels";
     bind_kernels(m);
+    bind_net(m);
 }

@@ -1,0 +1,177 @@
+// Bindings of the network layer (csrc/net.hpp). Buffers are numpy arrays used in place, as raw
+// bytes; every network call releases the GIL. NetError becomes dllama_py._core.NetError, a
+// ConnectionError carrying .peer, .peer_name and .label.
+#include <pybind11/gil_safe_call_once.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "arrays.hpp"
+#include "net.hpp"
+
+using dllama::Mesh;
+using dllama::NetError;
+
+namespace {
+
+// A numpy array's bytes, for a buffer the network writes into.
+uint8_t* array_bytes(py::array& a, const char* name) {
+    if (!(a.flags() & py::array::c_style))
+        throw py::value_error(std::string(name) + " must be C-contiguous (use numpy.ascontiguousarray)");
+    if (!a.writeable()) throw py::value_error(std::string(name) + " must be writable");
+    return static_cast<uint8_t*>(a.mutable_data());
+}
+
+// A contiguous read-only view of any buffer-protocol object (bytes, bytearray, memoryview, numpy),
+// held for as long as this lives so it can be read with the GIL released.
+class ReadBuffer {
+public:
+    explicit ReadBuffer(const py::object& obj) {
+        if (PyObject_GetBuffer(obj.ptr(), &view_, PyBUF_SIMPLE) != 0) throw py::error_already_set();
+    }
+    ~ReadBuffer() { PyBuffer_Release(&view_); }
+    ReadBuffer(const ReadBuffer&) = delete;
+    ReadBuffer& operator=(const ReadBuffer&) = delete;
+    const uint8_t* data() const { return static_cast<const uint8_t*>(view_.buf); }
+    size_t size() const { return static_cast<size_t>(view_.len); }
+
+private:
+    Py_buffer view_{};
+};
+
+std::vector<size_t> sizes_from(const std::vector<int64_t>& values, const char* name) {
+    std::vector<size_t> out(values.size());
+    for (size_t i = 0; i < values.size(); i++) {
+        if (values[i] < 0)
+            throw py::value_error(std::string(name) + "[" + std::to_string(i) + "] must not be negative, got " +
+                                  std::to_string(values[i]));
+        out[i] = static_cast<size_t>(values[i]);
+    }
+    return out;
+}
+
+// Lets Ctrl-C abort an operation that is waiting on the network in the main thread.
+void check_signals() {
+    py::gil_scoped_acquire gil;
+    if (PyErr_CheckSignals() != 0) throw py::error_already_set();
+}
+
+std::unique_ptr<Mesh> make_mesh(int node_index, int n_nodes, std::vector<int> fds, std::vector<std::string> names,
+                                int timeout_ms) {
+    auto mesh = std::make_unique<Mesh>(node_index, n_nodes, std::move(fds), std::move(names), timeout_ms);
+    mesh->set_interrupt_check(check_signals);
+    return mesh;
+}
+
+}  // namespace
+
+void bind_net(py::module_& m) {
+    PYBIND11_CONSTINIT static py::gil_safe_call_once_and_store<py::object> net_error_storage;
+    net_error_storage.call_once_and_store_result([&]() {
+        return py::object(py::exception<NetError>(m, "NetError", PyExc_ConnectionError));
+    });
+    py::register_exception_translator([](std::exception_ptr p) {
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const NetError& e) {
+            py::object type = net_error_storage.get_stored();
+            py::object error = type(e.what());
+            error.attr("peer") = e.peer() >= 0 ? py::object(py::int_(e.peer())) : py::object(py::none());
+            error.attr("peer_name") = e.peer_name();
+            error.attr("label") = e.label();
+            PyErr_SetObject(type.ptr(), error.ptr());
+        }
+    });
+
+    py::class_<Mesh>(m, "Mesh", "A full mesh of connected sockets and the collective operations over it")
+        .def(py::init(&make_mesh), py::arg("node_index"), py::arg("n_nodes"), py::arg("fds"), py::arg("peer_names"),
+             py::arg("timeout_ms"))
+        .def_property_readonly("node_index", &Mesh::node_index)
+        .def_property_readonly("n_nodes", &Mesh::n_nodes)
+        .def_property_readonly("timeout_ms", &Mesh::timeout_ms)
+        .def_property_readonly("closed", &Mesh::is_closed)
+        .def_property_readonly("bytes_sent", &Mesh::bytes_sent)
+        .def_property_readonly("bytes_received", &Mesh::bytes_received)
+        .def("reset_counters", &Mesh::reset_counters)
+        .def(
+            "all_gather",
+            [](Mesh& mesh, py::array& buf, int64_t slice_bytes, const std::string& label) {
+                uint8_t* p = array_bytes(buf, "buf");
+                if (slice_bytes < 0 || static_cast<int64_t>(buf.nbytes()) != slice_bytes * mesh.n_nodes())
+                    throw py::value_error("buf holds " + std::to_string(buf.nbytes()) + " bytes, expected n_nodes (" +
+                                          std::to_string(mesh.n_nodes()) + ") x slice_bytes (" +
+                                          std::to_string(slice_bytes) + ")");
+                py::gil_scoped_release nogil;
+                mesh.all_gather(p, static_cast<size_t>(slice_bytes), label);
+            },
+            py::arg("buf").noconvert(), py::arg("slice_bytes"), py::arg("label") = "")
+        .def(
+            "all_gather_v",
+            [](Mesh& mesh, py::array& buf, const std::vector<int64_t>& offsets, const std::vector<int64_t>& sizes,
+               const std::string& label) {
+                uint8_t* p = array_bytes(buf, "buf");
+                const std::vector<size_t> o = sizes_from(offsets, "offsets"), s = sizes_from(sizes, "sizes");
+                py::gil_scoped_release nogil;
+                mesh.all_gather_v(p, static_cast<size_t>(buf.nbytes()), o, s, label);
+            },
+            py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "")
+        .def(
+            "broadcast",
+            [](Mesh& mesh, int root, py::array& buf, const std::string& label) {
+                uint8_t* p = array_bytes(buf, "buf");
+                py::gil_scoped_release nogil;
+                mesh.broadcast(root, p, static_cast<size_t>(buf.nbytes()), label);
+            },
+            py::arg("root"), py::arg("buf").noconvert(), py::arg("label") = "")
+        .def(
+            "gather",
+            [](Mesh& mesh, int root, py::array& buf, const std::vector<int64_t>& offsets,
+               const std::vector<int64_t>& sizes, const std::string& label) {
+                uint8_t* p = array_bytes(buf, "buf");
+                const std::vector<size_t> o = sizes_from(offsets, "offsets"), s = sizes_from(sizes, "sizes");
+                py::gil_scoped_release nogil;
+                mesh.gather(root, p, static_cast<size_t>(buf.nbytes()), o, s, label);
+            },
+            py::arg("root"), py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "")
+        .def(
+            "send_message",
+            [](Mesh& mesh, int peer, const py::object& data, const std::string& label) {
+                ReadBuffer view(data);
+                py::gil_scoped_release nogil;
+                mesh.send_message(peer, view.data(), view.size(), label);
+            },
+            py::arg("peer"), py::arg("data"), py::arg("label") = "")
+        .def(
+            "recv_message",
+            [](Mesh& mesh, int peer, int64_t max_bytes, const std::string& label) {
+                if (max_bytes < 0) throw py::value_error("max_bytes must not be negative");
+                std::vector<uint8_t> data;
+                {
+                    py::gil_scoped_release nogil;
+                    data = mesh.recv_message(peer, static_cast<size_t>(max_bytes), label);
+                }
+                return py::bytes(reinterpret_cast<const char*>(data.data()), data.size());
+            },
+            py::arg("peer"), py::arg("max_bytes"), py::arg("label") = "")
+        .def(
+            "recv_message_into",
+            [](Mesh& mesh, int peer, py::array& buf, const std::string& label) {
+                uint8_t* p = array_bytes(buf, "buf");
+                py::gil_scoped_release nogil;
+                return mesh.recv_message_into(peer, p, static_cast<size_t>(buf.nbytes()), label);
+            },
+            py::arg("peer"), py::arg("buf").noconvert(), py::arg("label") = "")
+        .def(
+            "close",
+            [](Mesh& mesh) {
+                py::gil_scoped_release nogil;  // may wait for an operation running in another thread
+                mesh.close();
+            })
+        .def("__enter__", [](Mesh& mesh) -> Mesh& { return mesh; }, py::return_value_policy::reference)
+        .def("__exit__", [](Mesh& mesh, const py::object&, const py::object&, const py::object&) {
+            py::gil_scoped_release nogil;
+            mesh.close();
+        });
+}
