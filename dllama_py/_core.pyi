@@ -7,6 +7,7 @@ Every function releases the GIL for its whole run.
 
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Self
 
 F32 = npt.NDArray[np.float32]
 U8 = npt.NDArray[np.uint8]
@@ -66,3 +67,67 @@ def attention(
 ) -> None: ...  # q/out (B, n_heads*head_dim), caches (seq_len, n_kv_heads*head_dim)
 def moe_gate(logits: F32, k: int, normalize: bool = True) -> tuple[I32, F32]: ...
 def stream_read(data: U8) -> int: ...  # bandwidth probe
+
+# ---- network: the per-token sync layer (csrc/net.hpp) -----------------------------------
+# Python connects and handshakes with `socket`, then hands the sockets over (sock.detach()).
+# Buffers are any C-contiguous, writable numpy array, used in place as raw bytes (no copies).
+
+class NetError(ConnectionError):
+    """A network operation failed; the message names the operation, its label, the peer and the cause."""
+
+    peer: int | None  # the node index the failure concerns, None when it concerns no single peer
+    peer_name: str  # e.g. "10.0.0.2:9998", "" when peer is None
+    label: str  # the label passed to the failed call
+
+class Mesh:
+    """A full mesh of connected stream sockets and the collective operations over it.
+
+    Owns `fds` from the call on: closes them on close(), on destruction, on any failure, and
+    when the constructor itself raises ValueError. fds[node_index] must be -1.
+    Every operation waits at most timeout_ms for each peer without progress from that peer,
+    then raises NetError. Any NetError closes every connection (peers learn of it at once)
+    and leaves the Mesh unusable: later calls raise NetError. Argument errors (ValueError,
+    TypeError) leave it usable. One operation runs at a time; close() may be called from
+    another thread and wakes an operation that is waiting. Ctrl-C aborts a waiting operation
+    in the main thread (KeyboardInterrupt; the Mesh is then unusable).
+    """
+
+    def __init__(
+        self, node_index: int, n_nodes: int, fds: list[int], peer_names: list[str], timeout_ms: int
+    ) -> None: ...
+    @property
+    def node_index(self) -> int: ...
+    @property
+    def n_nodes(self) -> int: ...
+    @property
+    def timeout_ms(self) -> int: ...
+    @property
+    def closed(self) -> bool: ...  # closed, or failed
+    @property
+    def bytes_sent(self) -> int: ...  # on the wire since creation or reset, message headers included
+    @property
+    def bytes_received(self) -> int: ...
+    def reset_counters(self) -> None: ...
+    def all_gather(self, buf: np.ndarray, slice_bytes: int, label: str = "") -> None: ...
+    # buf: n_nodes * slice_bytes bytes; slice node_index is sent, every peer's slice lands in place
+    def all_gather_v(
+        self, buf: np.ndarray, offsets: list[int], sizes: list[int], label: str = ""
+    ) -> None: ...
+    # slice i is buf's bytes [offsets[i], offsets[i] + sizes[i]); slices may be unequal or empty
+    def broadcast(self, root: int, buf: np.ndarray, label: str = "") -> None: ...
+    # root sends all of buf's bytes; every other node receives them into buf (same size)
+    def gather(
+        self, root: int, buf: np.ndarray, offsets: list[int], sizes: list[int], label: str = ""
+    ) -> None: ...
+    # every non-root sends its slice to root; root receives every slice in place
+    def send_message(
+        self, peer: int, data: bytes | bytearray | memoryview | np.ndarray, label: str = ""
+    ) -> None: ...
+    # framed: u32 little-endian length, then the payload (any contiguous buffer)
+    def recv_message(self, peer: int, max_bytes: int, label: str = "") -> bytes: ...
+    # a length above max_bytes is refused (NetError) before anything is allocated
+    def recv_message_into(self, peer: int, buf: np.ndarray, label: str = "") -> int: ...
+    # receives into buf's bytes (refused above buf.nbytes); returns the message length
+    def close(self) -> None: ...
+    def __enter__(self) -> Self: ...
+    def __exit__(self, *exc: object) -> None: ...

@@ -9,8 +9,11 @@ from __future__ import annotations
 import multiprocessing
 import os
 import resource
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -52,7 +55,13 @@ def make_mesh(index: int, row: list[socket.socket | None], timeout_ms: int) -> M
 class Cluster:
     """n nodes on 127.0.0.1: a Mesh for each node not in `raw`, plain sockets for the others."""
 
-    def __init__(self, n: int, timeout_ms: int = 5000, raw: tuple[int, ...] = (), timeouts: dict[int, int] | None = None):
+    def __init__(
+        self,
+        n: int,
+        timeout_ms: int = 5000,
+        raw: tuple[int, ...] = (),
+        timeouts: dict[int, int] | None = None,
+    ):
         socks = connected_sockets(n)
         self.names = [[None if s is None else peer_name(s) for s in row] for row in socks]
         self.meshes: dict[int, Mesh] = {}
@@ -109,7 +118,7 @@ def cluster_factory():
 def raise_failures(results: dict[int, Any]) -> dict[int, Any]:
     for i, r in results.items():
         if isinstance(r, BaseException):
-            raise AssertionError(f"node {i} failed: {r!r}") from r
+            pytest.fail(f"node {i} failed: {r!r}")
     return results
 
 
@@ -294,7 +303,11 @@ def test_peer_closing_mid_transfer_is_reported_at_once_with_its_address(cluster_
     assert "layer 3 attention sync" in str(error)
     assert cluster.name_of(1, 0) in str(error)
     assert "closed" in str(error) or "reset" in str(error)
-    assert error.peer == 1 and error.peer_name == cluster.name_of(1, 0) and error.label == "layer 3 attention sync"
+    assert (
+        error.peer == 1
+        and error.peer_name == cluster.name_of(1, 0)
+        and error.label == "layer 3 attention sync"
+    )
     assert elapsed < 1.0, f"took {elapsed:.2f} s to notice a closed connection"
 
 
@@ -373,6 +386,30 @@ def test_close_from_another_thread_wakes_a_waiting_operation(cluster_factory) ->
     assert time.perf_counter() - t0 < 1.0
     with pytest.raises(NetError, match="closed"):
         mesh.recv_message(1, 10)
+
+
+_INTERRUPTED_NODE = """
+import socket, time
+from dllama_py._core import Mesh, NetError
+a, b = socket.socketpair()
+mesh = Mesh(0, 2, [-1, a.detach()], ["self", "peer"], 10_000)
+print("ready", flush=True)
+t0 = time.perf_counter()
+try:
+    mesh.recv_message(1, 10, label="waiting")
+except KeyboardInterrupt:
+    print(f"interrupted after {time.perf_counter() - t0:.2f} s, closed={mesh.closed}", flush=True)
+"""
+
+
+def test_ctrl_c_interrupts_a_waiting_operation() -> None:
+    child = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_NODE], stdout=subprocess.PIPE, text=True)
+    assert child.stdout is not None and child.stdout.readline().strip() == "ready"
+    time.sleep(0.2)
+    child.send_signal(signal.SIGINT)
+    out, _ = child.communicate(timeout=5)  # well before the 10 s timeout
+    assert "interrupted after" in out and "closed=True" in out, out
+    assert float(out.split("after ")[1].split(" s")[0]) < 2.0
 
 
 # ---- counters and arguments ----------------------------------------------------------------
@@ -476,7 +513,9 @@ def _process_node(index: int, n: int, ports: Any, my_queue: Any, results: Any, d
             [np.random.default_rng(j).integers(0, 256, slice_bytes, dtype=np.uint8) for j in range(n)]
         )
         buf = np.zeros_like(expected)
-        buf[index * slice_bytes : (index + 1) * slice_bytes] = expected[index * slice_bytes : (index + 1) * slice_bytes]
+        buf[index * slice_bytes : (index + 1) * slice_bytes] = expected[
+            index * slice_bytes : (index + 1) * slice_bytes
+        ]
         t0 = time.perf_counter()
         try:
             mesh.all_gather(buf, slice_bytes, label="process sync")
@@ -485,7 +524,9 @@ def _process_node(index: int, n: int, ports: Any, my_queue: Any, results: Any, d
             return
         x = np.arange(1000, dtype=np.float32) if index == 0 else np.zeros(1000, np.float32)
         mesh.broadcast(0, x, label="embedding")
-        ok = bool(np.array_equal(buf, expected)) and bool(np.array_equal(x, np.arange(1000, dtype=np.float32)))
+        ok = bool(np.array_equal(buf, expected)) and bool(
+            np.array_equal(x, np.arange(1000, dtype=np.float32))
+        )
         results.put((index, "ok", ok, mesh.bytes_sent, mesh.bytes_received))
         mesh.close()
     except BaseException as e:  # noqa: BLE001 - reported to the parent
