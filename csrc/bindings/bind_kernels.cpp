@@ -77,8 +77,9 @@ int check_matmul(const py::array& x, const py::array& w, const py::array& y, ssi
     const ssize_t B = x.ndim() == 2 ? x.shape(0) : 1;
     if (x.ndim() != 2 && x.ndim() != 1) throw py::value_error("x must be 1-D or 2-D (batch, cols)");
     if (last_dim(x, "x") != x_cols || w.shape(1) != w_cols)
-        throw py::value_error("x has " + std::to_string(last_dim(x, "x")) + " columns per row but w expects " +
-                              std::to_string(x_cols));
+        throw py::value_error("w has " + std::to_string(w.shape(1)) + " columns but x has " +
+                              std::to_string(last_dim(x, "x")) + " per row; w must have shape (rows, " +
+                              std::to_string(w_cols) + ")");
     if (y.shape(0) != B || y.shape(1) != w.shape(0))
         throw py::value_error("y must have shape (" + std::to_string(B) + ", " + std::to_string(w.shape(0)) + ")");
     return static_cast<int>(B);
