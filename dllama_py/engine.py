@@ -60,8 +60,9 @@ class Engine(Protocol):
     max_batch: int
     info: EngineInfo
 
-    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False) -> StepStats:
-        """Evaluate `tokens` at positions start_pos.. (at most max_batch of them)."""
+    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False, need: str = "full") -> StepStats:
+        """Evaluate `tokens` at positions start_pos.. (at most max_batch of them). `need` says what
+        will be read next: 'argmax', 'full' (logits) or 'none' (a cluster sends only that)."""
         ...
 
     def logits(self) -> np.ndarray:
@@ -159,7 +160,7 @@ class LocalEngine:
                                self.buffer_type, self.seq_len, kernels.get_num_threads(),
                                [note] if note else [])
 
-    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False) -> StepStats:
+    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False, need: str = "full") -> StepStats:
         start = time.perf_counter()
         B = len(tokens)
         if not 0 < B <= self.max_batch:

@@ -107,9 +107,11 @@ class Generator:
         """Forget the KV cache contents (the next prompt is evaluated from position 0)."""
         self.cached = []
 
-    def evaluate(self, ids: Sequence[int], on_step: Callable[[StepStats], None] | None = None) -> list[StepStats]:
+    def evaluate(self, ids: Sequence[int], on_step: Callable[[StepStats], None] | None = None,
+                 need: str = "full") -> list[StepStats]:
         """Bring the KV cache to `ids`, evaluating only what differs from what it holds (at least
-        the last token, whose logits the next token needs). Returns the steps run."""
+        the last token, whose logits the next token needs: `need` is 'argmax' or 'full').
+        Returns the steps run."""
         if not ids:
             raise EngineError("the prompt is empty")
         if len(ids) > self.engine.seq_len:
@@ -121,7 +123,8 @@ class Generator:
         pos = keep
         while pos < len(ids):
             chunk = list(ids[pos:pos + self.nbatches])
-            stats = self.engine.step(chunk, pos)
+            last = pos + len(chunk) >= len(ids)
+            stats = self.engine.step(chunk, pos, need=need if last else "none")
             self.cached.extend(chunk)
             pos += len(chunk)
             steps.append(stats)
@@ -157,7 +160,8 @@ class Generator:
         """
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         result = GenerationResult(list(prompt_ids))
-        result.prompt_steps = self.evaluate(prompt_ids, on_prompt_step)
+        need = "argmax" if sampler.greedy else "full"
+        result.prompt_steps = self.evaluate(prompt_ids, on_prompt_step, need)
         result.prompt_tokens_evaluated = sum(s.tokens for s in result.prompt_steps)
         decoder = self.tokenizer.stream_decoder()
         stop_text = _StopText(stop_strings)
@@ -176,7 +180,7 @@ class Generator:
             stats = None
             last = i == max_tokens - 1
             if not hit and not last and len(self.cached) < self.engine.seq_len:
-                stats = self.engine.step([token], len(self.cached))
+                stats = self.engine.step([token], len(self.cached), need=need)
                 self.cached.append(token)
                 result.token_steps.append(stats)
             pieces.append(text)

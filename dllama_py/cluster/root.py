@@ -1,0 +1,231 @@
+"""The root of a cluster: connect to the workers, ship their slices, drive every step.
+
+`ClusterEngine` has the interface of `engine.LocalEngine`: the generator, `dllama inference`,
+`dllama chat` and `dllama-api` use either. The root memory-maps the model and keeps only its
+own slice resident; each worker's slice is cut from the mapping and streamed to it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from dllama_py import _core, kernels
+from dllama_py.cluster import protocol as p
+from dllama_py.cluster.sync import MeshSync
+from dllama_py.cluster.worker import ARGMAX, argmax_layout, logits_layout
+from dllama_py.engine import (BUFFER_TYPES, EngineError, EngineInfo, StepStats, choose_seq_len,
+                              default_buffer_type, load_node_weights, open_model)
+from dllama_py.forward import NodeForward
+from dllama_py.plan import Plan, PlanError, cut_tensor
+
+CONNECT_TIMEOUT_S = 10.0
+DEFAULT_TIMEOUT_MS = 8000  # a silent worker is declared dead after this long
+
+
+class ClusterEngine:
+    """The model on this computer (node 0) and on every worker in `workers` (nodes 1..N)."""
+
+    def __init__(self, model_path: str | os.PathLike[str], workers: list[str], threads: int | None = None,
+                 buffer_type: str | None = None, max_seq_len: int | None = None, kv_storage: str = "ram",
+                 max_batch: int = 32, secret: str | None = None, log: Callable[[str], None] = print,
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS, progress: bool = True) -> None:
+        addresses = list(workers)
+        for address in addresses:
+            p.parse_address(address)
+        self.model = open_model(model_path)
+        self.config = c = self.model.config
+        self.buffer_type = buffer_type or default_buffer_type(c)
+        if self.buffer_type not in BUFFER_TYPES:
+            raise EngineError(f"--buffer-float-type must be one of {', '.join(BUFFER_TYPES)}")
+        if threads is not None:
+            kernels.set_num_threads(threads)
+        try:
+            self.plan = Plan.make(c, 1 + len(addresses))
+        except PlanError as error:
+            raise EngineError(str(error)) from None
+        self.seq_len, note = choose_seq_len(c, self.plan, max_seq_len)
+        self.max_batch = max_batch
+        self.addresses = ["root"] + addresses
+        self.log = log
+        log(self.plan.describe(self.seq_len, self.addresses))
+        self.mesh = self._connect(addresses, secret, kv_storage, timeout_ms)
+        try:
+            self._ship_weights(progress)
+            weights = load_node_weights(self.model, self.plan, 0)
+            self.sync = MeshSync(self.mesh, 0, self.plan.n_nodes, self.buffer_type, max_batch, c.dim)
+            self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage)
+        except BaseException:
+            self.mesh.close()
+            raise
+        self.embedding = self.model["embedding"]
+        self.x = np.zeros((max_batch, c.dim), dtype=np.float32)
+        self._last: np.ndarray | None = None
+        self._argmax: int | None = None
+        self._logits_buf = np.zeros(sum(logits_layout(self.plan, max_batch)[1]), dtype=np.uint8)
+        self.info = EngineInfo(self.plan.n_nodes, self.plan.describe(self.seq_len, self.addresses),
+                               c.weight_float_type.label, self.buffer_type, self.seq_len,
+                               kernels.get_num_threads(), [note] if note else [])
+
+    # ---- setup ----------------------------------------------------------------------------
+    def _connect(self, addresses: list[str], secret: str | None, kv_storage: str, timeout_ms: int) -> _core.Mesh:
+        session = p.new_nonce().hex()
+        socks: list[socket.socket] = []
+        try:
+            # Every worker is inside its handshake before any gets its setup, so the mesh
+            # connections workers open to each other wait in listen backlogs, not in handshakes.
+            for address in addresses:
+                socks.append(self._handshake(address, secret))
+            for index, sock in enumerate(socks, start=1):
+                setup = p.Setup(session, index, self.addresses, [(int(k), v) for k, v in self.config.header_items()],
+                                self.buffer_type, self.seq_len, self.max_batch, kv_storage, timeout_ms)
+                p.send_frame(sock, p.pack(p.MsgType.SETUP, setup.encode()))
+            for address, sock in zip(addresses, socks):
+                sock.settimeout(CONNECT_TIMEOUT_S * 4)
+                try:
+                    kind, body = p.unpack(p.recv_frame(sock), (p.MsgType.READY, p.MsgType.ERROR))
+                except (OSError, p.ProtocolError) as error:
+                    raise EngineError(f"worker {address} failed while connecting to the other workers: "
+                                      f"{error}") from None
+            fds = [-1] + [s.detach() for s in socks]
+        except BaseException:
+            for s in socks:
+                s.close()
+            raise
+        return _core.Mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms)
+
+    def _handshake(self, address: str, secret: str | None) -> socket.socket:
+        host, port = p.parse_address(address)
+        try:
+            sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
+        except OSError as error:
+            raise EngineError(f"cannot connect to worker {address}: {error.strerror or error} "
+                              "(is `dllama worker` running there?)") from None
+        try:
+            _, nonce_w = p.unpack(p.recv_frame(sock), p.MsgType.HELLO_WORKER)
+            nonce_r = p.new_nonce()
+            p.send_frame(sock, p.pack(p.MsgType.HELLO_ROOT, nonce_r + p.proof(secret, b"root", nonce_w)))
+            _, body = p.unpack(p.recv_frame(sock), p.MsgType.WELCOME)
+            if body[:1] == bytes([p.Welcome.AUTH_FAILED]):
+                raise EngineError(f"worker {address} refused this root: the secrets differ "
+                                  "(check --secret / DLLAMA_SECRET on both sides)")
+            if body[:1] == bytes([p.Welcome.BUSY]):
+                raise EngineError(f"worker {address} is busy with another root")
+            if not p.proofs_equal(body[1:], p.proof(secret, b"worker", nonce_r)):
+                raise EngineError(f"worker {address} does not know this root's secret "
+                                  "(check --secret / DLLAMA_SECRET on both sides)")
+        except TimeoutError:
+            sock.close()
+            raise EngineError(f"worker {address} did not answer the handshake within {CONNECT_TIMEOUT_S:.0f} s "
+                              "(busy with another root?)") from None
+        except (p.ProtocolError, OSError) as error:
+            sock.close()
+            raise EngineError(f"worker {address}: handshake failed: {error}") from None
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _ship_weights(self, progress: bool) -> None:
+        """Stream every worker its slices (cut from the memory-mapped file, one tensor at a time)."""
+        from tqdm import tqdm
+
+        for node in range(1, self.plan.n_nodes):
+            total = self.plan.node_weight_bytes(node)
+            address = self.addresses[node]
+            start = time.perf_counter()
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"weights -> node {node} {address}",
+                      disable=not progress, leave=True) as bar:
+                for tensor in self.model:
+                    cut = self.plan.cut(tensor.name, node)
+                    if cut.kind == "root":
+                        continue
+                    part = np.ascontiguousarray(cut_tensor(tensor.data, tensor.float_type, cut))
+                    try:
+                        self.mesh.send_message(node, part, f"loading {tensor.name}")
+                    except ConnectionError as error:
+                        raise EngineError(f"worker {address} failed while loading weights: {error}") from None
+                    bar.update(part.nbytes)
+            seconds = time.perf_counter() - start
+            self.log(f"node {node} ({address}): {total / 2**20:.1f} MiB in {seconds:.1f} s "
+                     f"({total / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
+
+    # ---- steps ----------------------------------------------------------------------------
+    def step(self, tokens: list[int], start_pos: int, all_logits: bool = False, need: str = "full") -> StepStats:
+        """Evaluate `tokens` on every node; `need` says what the next call reads: 'argmax',
+        'full' (logits) or 'none', so workers send only that."""
+        start = time.perf_counter()
+        sent0, received0, sync0 = self.mesh.bytes_sent, self.mesh.bytes_received, self.sync.seconds
+        B = len(tokens)
+        if not 0 < B <= self.max_batch:
+            raise EngineError(f"a step takes 1 to {self.max_batch} tokens, got {B}")
+        mode = p.LogitsMode.FULL if all_logits else {"argmax": p.LogitsMode.ARGMAX, "none": p.LogitsMode.NONE}.get(
+            need, p.LogitsMode.FULL)
+        x = self.x[:B]
+        kernels.embedding(self.embedding, np.asarray(tokens, dtype=np.int32), x)
+        message = p.pack(p.MsgType.STEP, p.STEP.pack(1 if all_logits else 0, int(mode), B, start_pos) + x.tobytes())
+        positions = np.arange(start_pos, start_pos + B, dtype=np.int32)
+        try:
+            for node in range(1, self.plan.n_nodes):
+                self.mesh.send_message(node, message, f"sending step at position {start_pos}")
+            local = self.forward.forward(x, positions, all_logits)
+            gather_start = time.perf_counter()
+            self._collect(local, mode)
+            gather_s = time.perf_counter() - gather_start
+        except ConnectionError as error:
+            raise EngineError(f"the cluster failed: {error}") from None
+        elapsed = time.perf_counter() - start
+        sync_s = self.sync.seconds - sync0 + gather_s
+        return StepStats(B, (elapsed - sync_s) * 1e3, sync_s * 1e3,
+                         self.mesh.bytes_sent - sent0, self.mesh.bytes_received - received0)
+
+    def _collect(self, local: np.ndarray, mode: p.LogitsMode) -> None:
+        s0 = self.plan.nodes[0]
+        self._last, self._argmax = None, None
+        if mode == p.LogitsMode.ARGMAX:
+            offsets, sizes = argmax_layout(self.plan.n_nodes)
+            buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
+            best = int(np.argmax(local[-1]))
+            buf[: ARGMAX.size] = np.frombuffer(ARGMAX.pack(float(local[-1, best]), s0.vocab_start + best), np.uint8)
+            self.mesh.gather(0, buf, offsets, sizes, "collecting the best token")
+            candidates = [ARGMAX.unpack_from(buf, o) for o in offsets]
+            # the first node with the highest value: slices are in vocabulary order, so ties go to the lowest id
+            value, index = max(candidates, key=lambda vi: vi[0])
+            self._argmax = next(i for v, i in candidates if v == value)
+        elif mode == p.LogitsMode.FULL:
+            rows = local.shape[0]
+            offsets, sizes = logits_layout(self.plan, rows)
+            buf = self._logits_buf[: offsets[-1] + sizes[-1]]
+            buf[: sizes[0]] = local.reshape(-1).view(np.uint8)
+            self.mesh.gather(0, buf, offsets, sizes, "collecting logits")
+            parts = [buf[o:o + n].view(np.float32).reshape(rows, -1) for o, n in zip(offsets, sizes)]
+            self._last = np.concatenate(parts, axis=1)
+
+    def logits(self) -> np.ndarray:
+        if self._last is None:
+            raise EngineError("the last step did not collect logits")
+        return self._last[0] if self._last.shape[0] == 1 else self._last
+
+    def argmax(self) -> int:
+        if self._argmax is not None:
+            return self._argmax
+        logits = self.logits()
+        return int(np.argmax(logits if logits.ndim == 1 else logits[-1]))
+
+    def close(self) -> None:
+        """End the session on every worker (they go back to waiting) and free the cache."""
+        try:
+            if not self.mesh.closed:
+                for node in range(1, self.plan.n_nodes):
+                    try:
+                        self.mesh.send_message(node, p.pack(p.MsgType.END), "ending the session")
+                    except ConnectionError:
+                        pass
+        finally:
+            self.mesh.close()
+            self.forward.close()
+

@@ -1,0 +1,219 @@
+"""`dllama worker`: wait for a root, receive the plan and weight slices, follow its steps.
+
+A worker needs no model file. When its root goes away (finished or died) it frees everything
+and waits for the next one. Nothing a peer sends makes it exit: bytes that are not our
+protocol, a wrong version or a wrong secret are refused with a logged line.
+"""
+
+from __future__ import annotations
+
+import gc
+import select
+import socket
+import struct
+import sys
+import time
+
+import numpy as np
+
+from dllama_py import _core, kernels
+from dllama_py.cluster import protocol as p
+from dllama_py.cluster.sync import MeshSync
+from dllama_py.config import ModelConfig
+from dllama_py.forward import NodeForward
+from dllama_py.formats.model_file import tensor_specs
+from dllama_py.plan import Plan
+
+HANDSHAKE_TIMEOUT_S = 10.0
+ARGMAX = struct.Struct("<fi")
+
+
+def log(message: str) -> None:
+    print(f"[worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def handshake(conn: socket.socket, secret: str | None) -> p.Setup:
+    """Worker side of the root handshake; returns the root's setup or raises ProtocolError."""
+    nonce_w = p.new_nonce()
+    p.send_frame(conn, p.pack(p.MsgType.HELLO_WORKER, nonce_w))
+    _, body = p.unpack(p.recv_frame(conn), p.MsgType.HELLO_ROOT)
+    if len(body) != p.NONCE_BYTES + 32:
+        raise p.ProtocolError("malformed HELLO_ROOT")
+    nonce_r, root_proof = body[: p.NONCE_BYTES], body[p.NONCE_BYTES:]
+    if not p.proofs_equal(root_proof, p.proof(secret, b"root", nonce_w)):
+        p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(32)))
+        raise p.ProtocolError("the root does not know this worker's secret (check --secret / DLLAMA_SECRET)")
+    p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.OK]) + p.proof(secret, b"worker", nonce_r)))
+    _, body = p.unpack(p.recv_frame(conn), p.MsgType.SETUP)
+    return p.Setup.decode(body)
+
+
+def connect_mesh(listener: socket.socket, setup: p.Setup, secret: str | None) -> dict[int, socket.socket]:
+    """Connect to every worker after this one and accept every worker before it."""
+    me, peers = setup.node_index, {}
+    session = bytes.fromhex(setup.session)
+    for j in range(me + 1, len(setup.addresses)):
+        host, port = p.parse_address(setup.addresses[j])
+        sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
+        hello = session + struct.pack("<I", me) + p.proof(secret, b"mesh", session, str(me).encode())
+        p.send_frame(sock, p.pack(p.MsgType.MESH_HELLO, hello))
+        peers[j] = sock
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S * 3
+    while len(peers) < len(setup.addresses) - 2:  # every other worker
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            missing = [setup.addresses[j] for j in range(1, me) if j not in peers]
+            raise p.ProtocolError(f"workers {', '.join(missing)} did not connect to this worker")
+        listener.settimeout(remaining)
+        try:
+            sock, addr = listener.accept()
+        except TimeoutError:
+            continue
+        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        try:
+            _, body = p.unpack(p.recv_frame(sock), p.MsgType.MESH_HELLO)
+            if len(body) != p.NONCE_BYTES + 4 + 32 or body[: p.NONCE_BYTES] != session:
+                raise p.ProtocolError("mesh hello for another session")
+            (j,) = struct.unpack_from("<I", body, p.NONCE_BYTES)
+            if not 1 <= j < me or j in peers:
+                raise p.ProtocolError(f"unexpected mesh peer index {j}")
+            if not p.proofs_equal(body[p.NONCE_BYTES + 4:], p.proof(secret, b"mesh", session, str(j).encode())):
+                raise p.ProtocolError("mesh peer does not know the secret")
+            peers[j] = sock
+        except (p.ProtocolError, OSError) as error:
+            log(f"refused connection from {addr[0]}:{addr[1]} while building the mesh: {error}")
+            sock.close()
+    listener.settimeout(None)
+    return peers
+
+
+def receive_weights(mesh: _core.Mesh, plan: Plan, node: int) -> dict[str, np.ndarray]:
+    """Receive this node's slice of every tensor, in file order."""
+    weights = {}
+    for spec in tensor_specs(plan.config):
+        cut = plan.cut(spec.name, node)
+        if cut.kind == "root":
+            continue
+        rows, cols = plan.slice_shape(spec.name, spec.shape, node)
+        array = np.empty((rows, spec.float_type.row_elements(cols)), dtype=spec.float_type.storage_dtype)
+        mesh.recv_message_into(0, array, f"loading {spec.name}")
+        weights[spec.name] = array
+    return weights
+
+
+def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, secret: str | None) -> None:
+    """Serve one root from setup to END (or until it goes away)."""
+    config = ModelConfig.from_header(setup.header)
+    plan = Plan.make(config, len(setup.addresses))
+    me = setup.node_index
+    peers = connect_mesh(listener, setup, secret)
+    p.send_frame(conn, p.pack(p.MsgType.READY))
+    fds = [-1] * plan.n_nodes
+    names = list(setup.addresses)
+    names[0] = f"root {conn.getpeername()[0]}"
+    root_fd = conn.detach()
+    fds[0] = root_fd
+    for j, sock in peers.items():
+        fds[j] = sock.detach()
+    mesh = _core.Mesh(me, plan.n_nodes, fds, names, setup.timeout_ms)
+    forward = None
+    try:
+        start = time.perf_counter()
+        weights = receive_weights(mesh, plan, me)
+        total = sum(w.nbytes for w in weights.values())
+        log(f"received {total / 2**20:.1f} MiB of weights in {time.perf_counter() - start:.1f} s "
+            f"(node {me} of {plan.n_nodes})")
+        sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
+        forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage)
+        follow_root(mesh, root_fd, plan, me, forward, setup)
+    finally:
+        mesh.close()
+        if forward is not None:
+            forward.close()
+
+
+def follow_root(mesh: _core.Mesh, root_fd: int, plan: Plan, me: int, forward: NodeForward, setup: p.Setup) -> None:
+    """Run the root's steps until END; returns when the root ends the session."""
+    dim = plan.config.dim
+    x_buf = np.zeros((setup.max_batch, dim), dtype=np.float32)
+    max_step = p.HEADER.size + p.STEP.size + setup.max_batch * dim * 4
+    s = plan.nodes[me]
+    while True:
+        while not select.select([root_fd], [], [], 5.0)[0]:
+            pass  # an idle root is not a dead one; a dead one makes the socket readable (EOF)
+        kind, body = p.unpack(mesh.recv_message(0, max_step, "waiting for the next step"), (p.MsgType.STEP, p.MsgType.END))
+        if kind == p.MsgType.END:
+            return
+        flags, mode, batch, pos0 = p.STEP.unpack_from(body)
+        if not 0 < batch <= setup.max_batch or len(body) != p.STEP.size + batch * dim * 4:
+            raise p.ProtocolError(f"malformed step (batch {batch})")
+        x = x_buf[:batch]
+        x.reshape(-1)[:] = np.frombuffer(body, dtype=np.float32, offset=p.STEP.size)
+        positions = np.arange(pos0, pos0 + batch, dtype=np.int32)
+        logits = forward.forward(x, positions, all_logits=bool(flags & 1))
+        if mode == p.LogitsMode.ARGMAX:
+            row = logits[-1]
+            best = int(np.argmax(row))
+            reply = np.frombuffer(ARGMAX.pack(float(row[best]), s.vocab_start + best), dtype=np.uint8).copy()
+            offsets, sizes = argmax_layout(plan.n_nodes)
+            buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
+            buf[offsets[me]:offsets[me] + sizes[me]] = reply
+            mesh.gather(0, buf, offsets, sizes, "sending the best token")
+        elif mode == p.LogitsMode.FULL:
+            offsets, sizes = logits_layout(plan, logits.shape[0])
+            buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
+            buf[offsets[me]:offsets[me] + sizes[me]] = logits.reshape(-1).view(np.uint8)
+            mesh.gather(0, buf, offsets, sizes, "sending logits")
+
+
+def argmax_layout(n_nodes: int) -> tuple[list[int], list[int]]:
+    """Gather layout of the ARGMAX replies: 8 bytes per node."""
+    return [i * ARGMAX.size for i in range(n_nodes)], [ARGMAX.size] * n_nodes
+
+
+def logits_layout(plan: Plan, rows: int) -> tuple[list[int], list[int]]:
+    """Gather layout of FULL replies: each node's classifier slice for `rows` rows, f32, in node order."""
+    sizes = [rows * s.vocab_width * 4 for s in plan.nodes]
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    return offsets, sizes
+
+
+def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False) -> int:
+    """Listen on host:port and serve roots one after another; returns only with `once`."""
+    if threads is not None:
+        kernels.set_num_threads(threads)
+    try:
+        listener = socket.create_server((host, port), reuse_port=False, backlog=16)
+    except OSError as error:
+        print(f"error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+        return 1
+    log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}"
+        + (", secret required" if secret else ""))
+    try:
+        while True:
+            listener.settimeout(None)
+            conn, addr = listener.accept()
+            who = f"{addr[0]}:{addr[1]}"
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            try:
+                setup = handshake(conn, secret)
+            except (p.ProtocolError, OSError, ValueError) as error:
+                log(f"refused connection from {who}: {error}")
+                conn.close()
+                continue
+            log(f"root {who} connected: node {setup.node_index} of {len(setup.addresses)}")
+            try:
+                run_session(listener, conn, setup, secret)
+                log(f"root {who} finished; waiting for the next root")
+            except (ConnectionError, OSError, ValueError, RuntimeError) as error:
+                log(f"session with root {who} ended: {error}; waiting for the next root")
+            finally:
+                conn.close()
+                gc.collect()
+            if once:
+                return 0
+    except KeyboardInterrupt:
+        log("stopped")
+        return 0
+    finally:
+        listener.close()
