@@ -55,6 +55,15 @@ void set_socket_options(int fd) {
 #ifdef SO_NOSIGPIPE
     setsockopt(fd, SOL_SOCKET, SO_NOSIGPIPE, &one, sizeof(one));
 #endif
+    // Keepalive probes find a peer whose host vanished (power, cable) while this node idles in
+    // wait_readable(): about 10 s of silence, then 3 probes 5 s apart.
+    setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+#ifdef TCP_KEEPIDLE
+    const int idle_s = 10, interval_s = 5, probes = 3;
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle_s, sizeof(idle_s));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &interval_s, sizeof(interval_s));
+    setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &probes, sizeof(probes));
+#endif
 }
 
 std::string bytes_of(size_t done, size_t total) {
@@ -77,7 +86,7 @@ Mesh::Mesh(int node_index, int n_nodes, std::vector<int> fds, std::vector<std::s
         if (peer_names_.size() != static_cast<size_t>(n_nodes_))
             throw std::invalid_argument("peer_names must have n_nodes (" + std::to_string(n_nodes_) +
                                         ") entries, got " + std::to_string(peer_names_.size()));
-        if (timeout_ms_ <= 0) throw std::invalid_argument("timeout_ms must be positive, got " + std::to_string(timeout_ms_));
+        if (timeout_ms <= 0) throw std::invalid_argument("timeout_ms must be positive, got " + std::to_string(timeout_ms));
         if (fds_[node_index_] != -1)
             throw std::invalid_argument("fds[node_index] must be -1 (no socket to itself), got " +
                                         std::to_string(fds_[node_index_]));
@@ -131,6 +140,11 @@ void Mesh::close() {
 
 void Mesh::close_sockets() {
     for (int& fd : fds_) close_fd(fd);
+}
+
+void Mesh::set_timeout_ms(int timeout_ms) {
+    if (timeout_ms <= 0) throw std::invalid_argument("timeout_ms must be positive, got " + std::to_string(timeout_ms));
+    timeout_ms_.store(timeout_ms);
 }
 
 void Mesh::reset_counters() {
@@ -266,7 +280,8 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
     }
     for (Transfer& t : transfers) pump_recv(t);
 
-    const auto timeout = std::chrono::milliseconds(timeout_ms_);
+    const int timeout_ms = timeout_ms_.load();
+    const auto timeout = std::chrono::milliseconds(timeout_ms);
     std::vector<pollfd>& pfds = pollfds_;
     std::vector<Transfer*>& owners = poll_owners_;
     for (;;) {
@@ -286,7 +301,7 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
         const auto left = late->last_progress + timeout - Clock::now();
         if (left <= Clock::duration::zero()) {
             const Transfer& t = *late;
-            std::string cause = "timeout after " + std::to_string(timeout_ms_) + " ms without progress";
+            std::string cause = "timeout after " + std::to_string(timeout_ms) + " ms without progress";
             if (t.recv_pending() && t.send_pending())
                 cause += " (received " + bytes_of(t.received, t.recv_len) + ", sent " + bytes_of(t.sent, t.send_total()) + ")";
             else if (t.recv_pending())
@@ -405,6 +420,35 @@ void Mesh::gather(int root, uint8_t* buf, size_t buf_bytes, const std::vector<si
         transfers.push_back(t);
     }
     run(transfers, "gather", label);
+}
+
+bool Mesh::wait_readable(int peer, int timeout_ms, const std::string& label) {
+    std::lock_guard<std::mutex> lock(op_mutex_);
+    check_peer(peer, "wait_readable: peer");
+    check_usable("wait_readable", label);
+    const Clock::time_point deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
+    for (;;) {
+        int wait_ms = -1;
+        if (timeout_ms >= 0) {
+            const auto left = deadline - Clock::now();
+            wait_ms = left <= Clock::duration::zero()
+                          ? 0
+                          : static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        }
+        pollfd pfds[2] = {{fds_[peer], POLLIN, 0}, {wake_read_, POLLIN, 0}};
+        const int ready = poll(pfds, 2, wait_ms);
+        if (ready < 0) {
+            if (errno != EINTR) fail("wait_readable", label, -1, "poll failed: " + errno_text(errno));
+            if (interrupt_check_) interrupt_check_();  // nothing was consumed: an interrupt leaves the mesh usable
+            continue;
+        }
+        if (pfds[1].revents || closing_.load())
+            fail("wait_readable", label, -1, "the mesh was closed by another thread during the operation");
+        if (pfds[0].revents & POLLNVAL)
+            fail("wait_readable", label, peer, "the socket is not open (fd " + std::to_string(pfds[0].fd) + ")");
+        if (pfds[0].revents) return true;
+        if (ready == 0 && wait_ms >= 0 && Clock::now() >= deadline) return false;
+    }
 }
 
 // ---- framed messages -------------------------------------------------------------------

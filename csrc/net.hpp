@@ -53,7 +53,9 @@ public:
 
     int node_index() const { return node_index_; }
     int n_nodes() const { return n_nodes_; }
-    int timeout_ms() const { return timeout_ms_; }
+    int timeout_ms() const { return timeout_ms_.load(); }
+    // Applies to the operations that start afterwards (e.g. longer while peers load weights).
+    void set_timeout_ms(int timeout_ms);
 
     // buf holds n_nodes slices of slice_bytes; slice node_index is sent to every peer and every
     // peer's slice is received into its place.
@@ -73,6 +75,11 @@ public:
     std::vector<uint8_t> recv_message(int peer, size_t max_bytes, const std::string& label);
     // Receives one message into buf (at most capacity bytes, else refused); returns its length.
     size_t recv_message_into(int peer, uint8_t* buf, size_t capacity, const std::string& label);
+
+    // Waits until peer's socket has bytes to read (or was closed: the next receive reports it),
+    // for at most timeout_ms (-1: no limit). Returns false on timeout. Consumes nothing and a
+    // timeout is not a failure, so an idle node can wait for its next command indefinitely.
+    bool wait_readable(int peer, int timeout_ms, const std::string& label);
 
     // Bytes on the wire since construction or the last reset, framing headers included.
     uint64_t bytes_sent() const { return bytes_sent_.load(std::memory_order_relaxed); }
@@ -120,7 +127,7 @@ private:
 
     int node_index_;
     int n_nodes_;
-    int timeout_ms_;
+    std::atomic<int> timeout_ms_;
     std::vector<int> fds_;
     std::vector<std::string> peer_names_;
     int wake_read_ = -1, wake_write_ = -1;  // close() from another thread wakes poll() through this pipe

@@ -366,6 +366,34 @@ def test_a_failure_closes_the_connections_so_other_nodes_fail_fast(cluster_facto
     assert elapsed < 1.5
 
 
+def test_wait_readable_idles_without_failing_until_the_peer_speaks(cluster_factory) -> None:
+    cluster = cluster_factory(2, timeout_ms=100, raw=(1,))
+    mesh, raw = cluster.meshes[0], cluster.raw[1][0]
+    t0 = time.perf_counter()
+    assert mesh.wait_readable(1, 300, label="idle") is False  # longer than timeout_ms, still usable
+    assert 0.25 < time.perf_counter() - t0 < 1.0
+    threading.Timer(0.2, lambda: raw.sendall(struct.pack("<I", 3) + b"abc")).start()
+    assert mesh.wait_readable(1, label="idle") is True
+    assert mesh.recv_message(1, 10) == b"abc"
+    raw.close()
+    assert mesh.wait_readable(1, 1000) is True  # a closed peer is readable; the receive says why
+    with pytest.raises(NetError, match="closed by peer"):
+        mesh.recv_message(1, 10, label="next command")
+
+
+def test_timeout_can_be_changed_between_operations(cluster_factory) -> None:
+    cluster = cluster_factory(2, timeout_ms=5000, raw=(1,))
+    mesh = cluster.meshes[0]
+    mesh.timeout_ms = 150
+    assert mesh.timeout_ms == 150
+    t0 = time.perf_counter()
+    with pytest.raises(NetError, match="timeout after 150 ms"):
+        mesh.broadcast(1, np.zeros(10, np.uint8), label="loading")
+    assert time.perf_counter() - t0 < 0.6
+    with pytest.raises(ValueError, match="positive"):
+        mesh.timeout_ms = 0
+
+
 def test_mesh_is_unusable_after_an_error(cluster_factory) -> None:
     cluster = cluster_factory(2, timeout_ms=100, raw=(1,))
     mesh = cluster.meshes[0]

@@ -4,7 +4,9 @@
 #include <pybind11/gil_safe_call_once.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -90,7 +92,7 @@ void bind_net(py::module_& m) {
              py::arg("timeout_ms"))
         .def_property_readonly("node_index", &Mesh::node_index)
         .def_property_readonly("n_nodes", &Mesh::n_nodes)
-        .def_property_readonly("timeout_ms", &Mesh::timeout_ms)
+        .def_property("timeout_ms", &Mesh::timeout_ms, &Mesh::set_timeout_ms)
         .def_property_readonly("closed", &Mesh::is_closed)
         .def_property_readonly("bytes_sent", &Mesh::bytes_sent)
         .def_property_readonly("bytes_received", &Mesh::bytes_received)
@@ -106,7 +108,8 @@ void bind_net(py::module_& m) {
                 py::gil_scoped_release nogil;
                 mesh.all_gather(p, static_cast<size_t>(slice_bytes), label);
             },
-            py::arg("buf").noconvert(), py::arg("slice_bytes"), py::arg("label") = "")
+            py::arg("buf").noconvert(), py::arg("slice_bytes"), py::arg("label") = "",
+            "buf holds n_nodes slices of slice_bytes; sends slice node_index to every peer, receives the others in place")
         .def(
             "all_gather_v",
             [](Mesh& mesh, py::array& buf, const std::vector<int64_t>& offsets, const std::vector<int64_t>& sizes,
@@ -116,7 +119,8 @@ void bind_net(py::module_& m) {
                 py::gil_scoped_release nogil;
                 mesh.all_gather_v(p, static_cast<size_t>(buf.nbytes()), o, s, label);
             },
-            py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "")
+            py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "",
+            "all_gather with slice i at buf bytes [offsets[i], offsets[i] + sizes[i])")
         .def(
             "broadcast",
             [](Mesh& mesh, int root, py::array& buf, const std::string& label) {
@@ -124,7 +128,8 @@ void bind_net(py::module_& m) {
                 py::gil_scoped_release nogil;
                 mesh.broadcast(root, p, static_cast<size_t>(buf.nbytes()), label);
             },
-            py::arg("root"), py::arg("buf").noconvert(), py::arg("label") = "")
+            py::arg("root"), py::arg("buf").noconvert(), py::arg("label") = "",
+            "root sends buf's bytes to every peer; the others receive them into buf")
         .def(
             "gather",
             [](Mesh& mesh, int root, py::array& buf, const std::vector<int64_t>& offsets,
@@ -134,7 +139,8 @@ void bind_net(py::module_& m) {
                 py::gil_scoped_release nogil;
                 mesh.gather(root, p, static_cast<size_t>(buf.nbytes()), o, s, label);
             },
-            py::arg("root"), py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "")
+            py::arg("root"), py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "",
+            "every non-root sends its slice to root, which receives them in place")
         .def(
             "send_message",
             [](Mesh& mesh, int peer, const py::object& data, const std::string& label) {
@@ -142,7 +148,8 @@ void bind_net(py::module_& m) {
                 py::gil_scoped_release nogil;
                 mesh.send_message(peer, view.data(), view.size(), label);
             },
-            py::arg("peer"), py::arg("data"), py::arg("label") = "")
+            py::arg("peer"), py::arg("data"), py::arg("label") = "",
+            "framed message (u32 LE length + payload) from any contiguous buffer")
         .def(
             "recv_message",
             [](Mesh& mesh, int peer, int64_t max_bytes, const std::string& label) {
@@ -154,7 +161,8 @@ void bind_net(py::module_& m) {
                 }
                 return py::bytes(reinterpret_cast<const char*>(data.data()), data.size());
             },
-            py::arg("peer"), py::arg("max_bytes"), py::arg("label") = "")
+            py::arg("peer"), py::arg("max_bytes"), py::arg("label") = "",
+            "one framed message; a length above max_bytes is refused before allocating")
         .def(
             "recv_message_into",
             [](Mesh& mesh, int peer, py::array& buf, const std::string& label) {
@@ -162,7 +170,16 @@ void bind_net(py::module_& m) {
                 py::gil_scoped_release nogil;
                 return mesh.recv_message_into(peer, p, static_cast<size_t>(buf.nbytes()), label);
             },
-            py::arg("peer"), py::arg("buf").noconvert(), py::arg("label") = "")
+            py::arg("peer"), py::arg("buf").noconvert(), py::arg("label") = "",
+            "one framed message into buf (refused above buf.nbytes); returns its length")
+        .def(
+            "wait_readable",
+            [](Mesh& mesh, int peer, std::optional<int> timeout_ms, const std::string& label) {
+                py::gil_scoped_release nogil;
+                return mesh.wait_readable(peer, timeout_ms ? std::max(*timeout_ms, 0) : -1, label);
+            },
+            py::arg("peer"), py::arg("timeout_ms") = py::none(), py::arg("label") = "",
+            "waits until peer has bytes (or closed); False on timeout, which is not a failure")
         .def(
             "close",
             [](Mesh& mesh) {
