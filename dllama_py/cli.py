@@ -191,7 +191,8 @@ def cmd_inference(args: argparse.Namespace) -> int:
         bad = [t for t in prompt_ids if not 0 <= t < min(engine.config.vocab_size, tokenizer.vocab_size)]
         if bad:
             raise UserError(f"--prompt-ids has ids outside the vocabulary: {bad[:5]}")
-        log_stderr(engine.info.plan_text)
+        if engine.info.nodes == 1:  # a cluster printed its plan before loading
+            log_stderr(engine.info.plan_text)
         for note in engine.info.notes:
             log_stderr(f"note: {note}")
         log_stderr(f"weights {engine.info.weight_type}, buffer {engine.info.buffer_type}, "
@@ -260,7 +261,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     engine = make_engine(args, log_stderr)
     try:
         check_vocab(engine, tokenizer)
-        log_stderr(engine.info.plan_text)
+        if engine.info.nodes == 1:
+            log_stderr(engine.info.plan_text)
         for note in engine.info.notes:
             log_stderr(f"note: {note}")
         session = ChatSession(engine, tokenizer, args.chat_template, args.nbatches)

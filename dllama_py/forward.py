@@ -120,7 +120,7 @@ class NodeForward:
         self.ff_a, self.ff_b = buf(s.ff_width), buf(s.ff_width)
         self.logits = buf(s.vocab_width)
         widest = max(d, self.q_width, s.ff_width)
-        self.xq = np.zeros((max_batch, widest // 32 * 34), dtype=np.uint8)  # q80 input of a matmul
+        self.xq = np.zeros(max_batch * (widest // 32 * 34), dtype=np.uint8)  # q80 input of a matmul
         if c.arch == ArchType.QWEN3_MOE:
             self.router_logits = buf(c.n_experts)
             self.expert_out = buf(d)
@@ -131,7 +131,7 @@ class NodeForward:
         if not self.quantized_input:
             return x
         rows, width = x.shape
-        q = self.xq[:rows, : width // 32 * 34]
+        q = self.xq[: rows * (width // 32 * 34)].reshape(rows, width // 32 * 34)
         kernels.quantize_q80_into(x, q)
         return q
 
