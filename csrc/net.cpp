@@ -86,14 +86,16 @@ Mesh::Mesh(int node_index, int n_nodes, std::vector<int> fds, std::vector<std::s
         if (peer_names_.size() != static_cast<size_t>(n_nodes_))
             throw std::invalid_argument("peer_names must have n_nodes (" + std::to_string(n_nodes_) +
                                         ") entries, got " + std::to_string(peer_names_.size()));
-        if (timeout_ms <= 0) throw std::invalid_argument("timeout_ms must be positive, got " + std::to_string(timeout_ms));
+        if (timeout_ms <= 0)
+            throw std::invalid_argument("timeout_ms must be positive, got " + std::to_string(timeout_ms));
         if (fds_[node_index_] != -1)
             throw std::invalid_argument("fds[node_index] must be -1 (no socket to itself), got " +
                                         std::to_string(fds_[node_index_]));
         for (int i = 0; i < n_nodes_; i++) {
             if (i == node_index_) continue;
             if (fds_[i] < 0)
-                throw std::invalid_argument("fds[" + std::to_string(i) + "] (" + peer_names_[i] + ") is not a valid fd");
+                throw std::invalid_argument("fds[" + std::to_string(i) + "] (" + peer_names_[i] +
+                                            ") is not a valid fd");
             for (int j = 0; j < i; j++)
                 if (fds_[j] == fds_[i])
                     throw std::invalid_argument("fds[" + std::to_string(j) + "] and fds[" + std::to_string(i) +
@@ -213,7 +215,7 @@ void Mesh::run(std::vector<Transfer>& transfers, const char* op, const std::stri
 }
 
 void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const std::string& label) {
-    // Sends and receives what the socket takes now; false once it would block.
+    // Send and receive what the socket takes now, returning once it would block.
     auto pump_send = [&](Transfer& t) {
         while (t.send_pending()) {
             iovec iov[2];
@@ -258,7 +260,8 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
                 t.last_progress = Clock::now();
                 bytes_received_.fetch_add(static_cast<uint64_t>(r), std::memory_order_relaxed);
             } else if (r == 0) {
-                fail(op, label, t.peer, "connection closed by peer (received " + bytes_of(t.received, t.recv_len) + ")");
+                fail(op, label, t.peer,
+                     "connection closed by peer (received " + bytes_of(t.received, t.recv_len) + ")");
             } else if (errno == EINTR) {
                 continue;
             } else if (errno == EAGAIN || errno == EWOULDBLOCK) {
@@ -303,15 +306,15 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
             const Transfer& t = *late;
             std::string cause = "timeout after " + std::to_string(timeout_ms) + " ms without progress";
             if (t.recv_pending() && t.send_pending())
-                cause += " (received " + bytes_of(t.received, t.recv_len) + ", sent " + bytes_of(t.sent, t.send_total()) + ")";
+                cause += " (received " + bytes_of(t.received, t.recv_len) + ", sent " +
+                         bytes_of(t.sent, t.send_total()) + ")";
             else if (t.recv_pending())
                 cause += ": waiting for data (received " + bytes_of(t.received, t.recv_len) + ")";
             else
                 cause += ": the peer is not reading (sent " + bytes_of(t.sent, t.send_total()) + ")";
             fail(op, label, t.peer, cause);
         }
-        const int wait_ms = static_cast<int>(
-            std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        const int wait_ms = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
         pfds.push_back(pollfd{wake_read_, POLLIN, 0});
 
         const int ready = poll(pfds.data(), static_cast<nfds_t>(pfds.size()), wait_ms);
@@ -326,7 +329,8 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
             const short ev = pfds[i].revents;
             if (!ev) continue;
             Transfer& t = *owners[i];
-            if (ev & POLLNVAL) fail(op, label, t.peer, "the socket is not open (fd " + std::to_string(pfds[i].fd) + ")");
+            if (ev & POLLNVAL)
+                fail(op, label, t.peer, "the socket is not open (fd " + std::to_string(pfds[i].fd) + ")");
             if ((ev & (POLLOUT | POLLERR | POLLHUP)) && t.send_pending()) pump_send(t);
             if ((ev & (POLLIN | POLLERR | POLLHUP)) && t.recv_pending()) pump_recv(t);
         }

@@ -109,7 +109,7 @@ void bind_net(py::module_& m) {
                 mesh.all_gather(p, static_cast<size_t>(slice_bytes), label);
             },
             py::arg("buf").noconvert(), py::arg("slice_bytes"), py::arg("label") = "",
-            "buf holds n_nodes slices of slice_bytes; sends slice node_index to every peer, receives the others in place")
+            "buf holds n_nodes slices of slice_bytes; sends slice node_index to every peer, receives theirs in place")
         .def(
             "all_gather_v",
             [](Mesh& mesh, py::array& buf, const std::vector<int64_t>& offsets, const std::vector<int64_t>& sizes,
