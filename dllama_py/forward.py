@@ -163,8 +163,9 @@ class NodeForward:
             self._matmul(hq, p + "wk", k)
             self._matmul(hq, p + "wv", v)
             if c.has_qk_norm:
-                kernels.rms_norm(q, self._norm_weight(p + "q_norm"), q, c.norm_epsilon)
-                kernels.rms_norm(k, self._norm_weight(p + "k_norm"), k, c.norm_epsilon)
+                q_heads, k_heads = q.reshape(-1, c.head_dim), k.reshape(-1, c.head_dim)  # per-head norm
+                kernels.rms_norm(q_heads, self._norm_weight(p + "q_norm"), q_heads, c.norm_epsilon)
+                kernels.rms_norm(k_heads, self._norm_weight(p + "k_norm"), k_heads, c.norm_epsilon)
             kernels.rope(q, positions, self.inv_freq, self.slice.n_heads, c.head_dim, self.rope_style)
             kernels.rope(k, positions, self.inv_freq, self.slice.n_kv_heads, c.head_dim, self.rope_style)
             keys, values = self.cache.keys[layer], self.cache.values[layer]

@@ -1,0 +1,62 @@
+"""Real worker processes on 127.0.0.1 for the cluster tests."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+class WorkerProcess:
+    """A `dllama worker` subprocess; its log lines are collected in `lines`."""
+
+    def __init__(self, secret: str | None = None, threads: int = 1, extra: list[str] | None = None) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        argv = [sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+                "--nthreads", str(threads)] + (extra or [])
+        env = dict(os.environ)
+        env.pop("DLLAMA_SECRET", None)
+        if secret is not None:
+            argv += ["--secret", secret]
+        self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,
+                                     cwd=REPO)
+        self.lines: list[str] = []
+        self._listening = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._listening.wait(30):
+            self.stop()
+            raise RuntimeError(f"worker did not start: {self.lines}")
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.lines.append(line.rstrip("\n"))
+            if "listening on" in line:
+                self._listening.set()
+
+    def wait_for_line(self, text: str, timeout: float = 10.0) -> str:
+        """The first log line containing `text`, waiting up to `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if text in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"worker never logged {text!r}; log: {self.lines}")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)

@@ -1,0 +1,322 @@
+"""The cluster from a user's point of view: real worker processes on 127.0.0.1.
+
+Proves tensor parallelism gives the same results as one node (llama2.c's text with stories260K
+on 1-4 nodes, f32 logits equal within 1e-5, distributed-llama's own q40 logits on 2 and 4
+nodes), and that faults end cleanly: a killed or frozen worker, garbage on a worker's port,
+two roots in a row, mismatched secrets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cluster_helpers import REPO, WorkerProcess
+
+from converter.convert_hf import main as convert_hf
+from converter.convert_tokenizer import main as convert_tokenizer
+from dllama_py.cluster import protocol
+from dllama_py.cluster.root import ClusterEngine
+from dllama_py.engine import EngineError, LocalEngine
+from dllama_py.generate import Generator
+from dllama_py.sampler import Sampler
+from dllama_py.tokenizer import Tokenizer
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def stories(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """stories260K converted to f32 with this project's converters: (model, tokenizer)."""
+    folder = tmp_path_factory.mktemp("stories")
+    model, tok = folder / "stories_f32.m", folder / "tok512.t"
+    assert convert_hf([str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model), "--quiet"]) == 0
+    assert convert_tokenizer([str(testdata / "stories260K" / "tok512.model"), "tok512", "--output", str(tok)]) == 0
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """Three workers, shared by the tests of this module (each test leaves them waiting)."""
+    procs = [WorkerProcess() for _ in range(3)]
+    yield procs
+    for w in procs:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(testdata: Path) -> list[dict]:
+    return json.loads((testdata / "reference" / "stories260K_greedy.json").read_text())["results"]
+
+
+def make_engine(model: Path, workers: list[WorkerProcess], nodes: int, **kw) -> LocalEngine | ClusterEngine:
+    if nodes == 1:
+        return LocalEngine(model, threads=1, **kw)
+    return ClusterEngine(model, [w.address for w in workers[: nodes - 1]], threads=1, log=quiet, progress=False, **kw)
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3, 4])
+def test_greedy_text_equals_llama2c_on_any_node_count(stories, workers, reference, nodes):
+    model, tok = stories
+    tokenizer = Tokenizer.load(tok)
+    engine = make_engine(model, workers, nodes)
+    try:
+        generator = Generator(engine, tokenizer)
+        for case in reference:
+            generator.reset()
+            ids = tokenizer.encode(case["prompt"])
+            assert ids == case["prompt_ids_with_bos"]
+            result = generator.generate(ids, case["num_generated"], Sampler(0.0), stop_ids=[1])
+            assert result.generated_ids == case["generated_ids"], case["prompt"]
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("nodes", [2, 3, 4])
+def test_f32_logits_on_n_nodes_equal_one_node(stories, workers, nodes):
+    model, _ = stories
+    rng = np.random.default_rng(nodes)
+    tokens = [1] + rng.integers(3, 512, size=40).tolist()
+    single = LocalEngine(model, threads=1)
+    single.step(tokens[:32], 0, all_logits=True)
+    want = [single.logits().copy()]
+    single.step(tokens[32:], 32, all_logits=True)
+    want.append(single.logits().copy())
+    single.close()
+    engine = make_engine(model, workers, nodes)
+    try:
+        engine.step(tokens[:32], 0, all_logits=True)
+        got = [engine.logits().copy()]
+        engine.step(tokens[32:], 32, all_logits=True)
+        got.append(engine.logits().copy())
+    finally:
+        engine.close()
+    for a, b in zip(got, want):
+        assert a.shape == b.shape
+        assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, float(np.max(np.abs(b))))
+
+
+# distributed-llama's own q40 files, q80 buffers, fed exactly the tokens it fed.
+# Measured here (max |ours - distributed-llama| over every step, logits of magnitude 8-10):
+# llama-tiny 0.068 / 0.062, qwen3-tiny 0.104, qwen3moe-tiny 0.073 on 2 nodes. That is the q80
+# rounding noise: distributed-llama's own q40 logits move by up to 0.18 when only the node
+# count changes (compat/README.md), i.e. when the same activations are rounded in other slices.
+# The bound is that spread; the greedy token must agree wherever the top-2 margin exceeds twice
+# the difference at that step (where no rounding difference can flip it).
+Q40_LOGIT_BOUND = 0.18
+
+
+@pytest.mark.parametrize("model_name", ["llama-tiny", "qwen3-tiny", "qwen3moe-tiny"])
+@pytest.mark.parametrize("nodes", [2, 4])
+def test_compat_q40_logits_match_distributed_llama_on_n_nodes(testdata, workers, model_name, nodes):
+    manifest = json.loads((testdata / "compat" / "manifest.json").read_text())
+    cases = [c for c in manifest["cases"] if c["model"] == model_name and c["weights"] == "q40"
+             and c["nodes"] == nodes and c["dllama_exit_code"] == 0]
+    assert cases, f"no compat case for {model_name} on {nodes} nodes"
+    engine = make_engine(testdata / "compat" / c_file(cases[0]), workers, nodes, buffer_type="q80")
+    try:
+        for case in cases:
+            prompt = case["prompt_ids_dllama"]
+            fed, positions = case["dllama_fed_tokens"], case["dllama_positions"]
+            want = np.load(testdata / "compat" / case["dllama_logits_file"])
+            engine.step(prompt[:-1], 0)
+            diffs: list[float] = []
+            for step, (token, pos) in enumerate(zip(fed, positions)):
+                engine.step([token], pos)
+                got = engine.logits()
+                diff = float(np.max(np.abs(got - want[step])))
+                diffs.append(diff)
+                top2 = np.sort(want[step])[-2:]
+                if top2[1] - top2[0] > 2 * diff:  # only then can no rounding flip the greedy token
+                    assert int(np.argmax(got)) == case["dllama_generated_ids"][step]
+            outliers = [d for d in diffs if d > Q40_LOGIT_BOUND]
+            if model_name == "qwen3moe-tiny":
+                # A router near-tie can pick another expert for one token in one layer after a
+                # different rounding (measured once: 0.257 at one step of 'The cat sat' on 2 nodes).
+                assert len(outliers) <= 1 and max(diffs) <= 0.3, (case["prompt"], diffs)
+            else:
+                assert not outliers, (case["prompt"], diffs)
+            assert float(np.median(diffs)) <= 0.1, (case["prompt"], diffs)
+    finally:
+        engine.close()
+
+
+def c_file(case: dict) -> str:
+    return case["model_file"]
+
+
+def test_killed_worker_is_reported_with_its_address_within_10_seconds(stories):
+    model, tok = stories
+    tokenizer = Tokenizer.load(tok)
+    victim, other = WorkerProcess(), WorkerProcess()
+    engine = ClusterEngine(model, [other.address, victim.address], threads=1, log=quiet, progress=False)
+    killed_at: list[float] = []
+
+    def on_token(event) -> None:
+        if len(killed_at) == 0 and event.stats is not None:
+            victim.proc.send_signal(signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    try:
+        with pytest.raises(EngineError) as error:
+            Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 400, Sampler(0.0),
+                                                  stop_ids=[], on_token=on_token)
+        elapsed = time.monotonic() - killed_at[0]
+        assert elapsed < 10.0
+        assert victim.address in str(error.value)
+        assert "layer" in str(error.value) or "step" in str(error.value) or "token" in str(error.value)
+    finally:
+        engine.mesh.close()
+        engine.forward.close()
+        victim.stop()
+    # the surviving worker goes back to waiting and serves the next root
+    other.wait_for_line("waiting for the next root")
+    assert other.alive()
+    again = ClusterEngine(model, [other.address], threads=1, log=quiet, progress=False)
+    again.step([1, 403], 0, need="argmax")
+    assert again.argmax() == 407
+    again.close()
+    other.stop()
+
+
+def test_frozen_worker_stops_the_root_within_10_seconds(stories):
+    model, _ = stories
+    worker = WorkerProcess()
+    engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+    try:
+        engine.step([1, 403], 0, need="argmax")
+        worker.proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        with pytest.raises(EngineError) as error:
+            engine.step([407], 2, need="argmax")
+        assert time.monotonic() - start < 10.0
+        assert worker.address in str(error.value) and "timeout" in str(error.value)
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+        engine.mesh.close()
+        engine.forward.close()
+        worker.stop()
+
+
+def send_raw(address: str, data: bytes) -> None:
+    host, port = protocol.parse_address(address)
+    with socket.create_connection((host, port), timeout=5) as s:
+        s.recv(64)  # the worker's hello
+        s.sendall(data)
+        s.settimeout(5)
+        try:
+            while s.recv(4096):
+                pass
+        except (TimeoutError, ConnectionResetError):
+            pass
+
+
+def test_worker_refuses_garbage_and_wrong_versions_then_serves_a_real_root(stories):
+    model, tok = stories
+    worker = WorkerProcess()
+    try:
+        send_raw(worker.address, os.urandom(64) + b"\xff\xff\xff\x7f")
+        worker.wait_for_line("refused connection")
+        wrong_version = struct.pack("<4sHB", b"DLPY", 99, int(protocol.MsgType.HELLO_ROOT)) + bytes(48)
+        send_raw(worker.address, struct.pack("<I", len(wrong_version)) + wrong_version)
+        worker.wait_for_line("protocol version 99")
+        absurd = struct.pack("<I", 0xFFFFFFF0)
+        send_raw(worker.address, absurd)
+        worker.wait_for_line("4294967280 bytes")
+        assert worker.alive()
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        tokenizer = Tokenizer.load(tok)
+        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 10, Sampler(0.0))
+        engine.close()
+        assert result.generated_ids[:3] == [432, 383, 286]
+    finally:
+        worker.stop()
+
+
+def test_two_roots_one_after_another_use_the_same_workers(stories, workers):
+    model, tok = stories
+    tokenizer = Tokenizer.load(tok)
+    texts = []
+    for _ in range(2):
+        engine = make_engine(model, workers, 3)
+        texts.append(Generator(engine, tokenizer).generate(tokenizer.encode("The cat"), 12, Sampler(0.0)).text)
+        engine.close()
+    assert texts[0] == texts[1] and texts[0]
+
+
+@pytest.mark.parametrize("worker_secret,root_secret", [("alpha", "beta"), ("alpha", None), (None, "beta")])
+def test_secret_mismatch_is_refused_on_both_sides(stories, worker_secret, root_secret):
+    model, _ = stories
+    worker = WorkerProcess(secret=worker_secret)
+    try:
+        with pytest.raises(EngineError) as error:
+            ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False, secret=root_secret)
+        assert worker.address in str(error.value) and "secret" in str(error.value)
+        worker.wait_for_line("refused connection")
+        assert worker.alive()
+    finally:
+        worker.stop()
+
+
+def test_matching_secret_is_accepted(stories):
+    model, _ = stories
+    worker = WorkerProcess(secret="alpha")
+    try:
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False, secret="alpha")
+        engine.step([1, 403], 0, need="argmax")
+        assert engine.argmax() == 407
+        engine.close()
+    finally:
+        worker.stop()
+
+
+def test_impossible_node_count_is_refused_with_what_would_work(stories):
+    model, tok = stories
+    out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "inference", "--model", str(model), "--tokenizer",
+                          str(tok), "--prompt", "x", "--steps", "1", "--workers"]
+                         + [f"127.0.0.1:{9000 + i}" for i in range(4)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1
+    assert "5 nodes" in out.stderr and "1, 2, 3, 4" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_unreachable_worker_is_named(stories):
+    model, _ = stories
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(EngineError) as error:
+        ClusterEngine(model, [f"127.0.0.1:{port}"], threads=1, log=quiet, progress=False)
+    assert f"127.0.0.1:{port}" in str(error.value)
+
+
+def test_dllama_inference_command_across_workers_prints_text_and_traffic(stories, workers, reference):
+    model, tok = stories
+    out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "inference", "--model", str(model), "--tokenizer",
+                          str(tok), "--prompt", "Once upon a time", "--steps", "20", "--temperature", "0",
+                          "--nthreads", "1", "--workers", workers[0].address, workers[1].address],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(reference[0]["text"][:40])
+    assert "node 2 (worker" in out.stderr and "Sent" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_demo_runs_two_nodes_and_cleans_up():
+    out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "demo", "--steps", "8"], capture_output=True,
+                         text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Once upon a time") and len(out.stdout.split()) >= 8
+    assert "node 1 (worker 127.0.0.1:" in out.stderr and "tokens/s" in out.stderr
+    folder = [line for line in out.stderr.splitlines() if "writing a random" in line][0].split(" to ")[-1]
+    assert not Path(folder).exists()
