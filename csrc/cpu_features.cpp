@@ -72,7 +72,11 @@ std::atomic<const KernelTable*> g_active{nullptr};
 const KernelTable* initial_table() {
     if (const char* env = std::getenv("DLLAMA_ISA")) {
         if (*env) {
-            set_isa(env);  // throws a clear error for a path this CPU cannot run
+            try {
+                set_isa(env);
+            } catch (const std::invalid_argument& error) {
+                throw std::invalid_argument(std::string("DLLAMA_ISA=") + env + ": " + error.what());
+            }
             return g_active.load();
         }
     }

@@ -1,6 +1,8 @@
 // AVX2 + FMA + F16C kernels: one 32-value block per 256-bit register.
 #include <immintrin.h>
 
+#include <cfloat>
+
 #include "kernels.hpp"
 
 namespace dllama {
@@ -166,7 +168,7 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
         h = _mm_max_ps(h, _mm_movehl_ps(h, h));
         h = _mm_max_ss(h, _mm_movehdup_ps(h));
         const float d = _mm_cvtss_f32(h) / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id = d >= FLT_MIN ? 1.0f / d : 0.0f;  // 0 when 1/d would overflow
         y[k].d = static_cast<uint16_t>(_cvtss_sh(d, _MM_FROUND_TO_NEAREST_INT));
         const __m256 vid = _mm256_set1_ps(id);
         __m256i q[4];

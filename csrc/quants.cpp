@@ -1,5 +1,6 @@
 #include "quants.hpp"
 
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 
@@ -80,7 +81,7 @@ void quantize_q40_ref(const float* x, BlockQ40* y, size_t n_blocks) {
         }
         const float max = -lo > hi ? lo : hi;
         const float d = max / -8.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;
+        const float id = std::fabs(d) >= FLT_MIN ? 1.0f / d : 0.0f;  // 0 when 1/d would overflow
         y[b].d = f32_to_f16(d);
         for (int j = 0; j < QK / 2; j++) {
             float a = v[j] * id + 8.5f;
@@ -109,7 +110,7 @@ void quantize_q80_ref(const float* x, BlockQ80* y, size_t n_blocks) {
         float amax = 0.0f;
         for (int j = 0; j < QK; j++) amax = std::fmax(amax, std::fabs(v[j]));
         const float d = amax / 127.0f;
-        const float id = d != 0.0f ? 1.0f / d : 0.0f;  // from the f32 d, not the fp16-rounded one
+        const float id = d >= FLT_MIN ? 1.0f / d : 0.0f;  // from the f32 d (not the fp16 one); 0 when 1/d overflows
         y[b].d = f32_to_f16(d);
         for (int j = 0; j < QK; j++) {
             y[b].qs[j] = static_cast<int8_t>(std::nearbyint(v[j] * id));  // half to even

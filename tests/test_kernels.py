@@ -102,7 +102,8 @@ def test_an_invalid_dllama_isa_fails_with_the_name_and_the_available_paths() -> 
     result = run_python(code, DLLAMA_ISA="avx1024")
     assert result.returncode != 0
     assert (
-        "ValueError: SIMD path 'avx1024' is not available here; this build and CPU support: " in result.stderr
+        "ValueError: DLLAMA_ISA=avx1024: SIMD path 'avx1024' is not available here; this build and CPU support: "
+        in result.stderr
     )
     assert ", ".join(PATHS) in result.stderr
 
