@@ -1,0 +1,321 @@
+"""The one generation worker behind the HTTP API.
+
+The engine is not thread-safe, so one thread owns it and the generator: requests wait in a
+bounded FIFO queue (a full queue is a 429) and are served one at a time. Each request's
+tokens travel from that thread to its async handler through an asyncio queue
+(`loop.call_soon_threadsafe`). A client that goes away sets its job's `cancelled` event, which
+the generator reads before every token, so the generation stops at once.
+
+When a step fails (a worker died, a socket broke) the request ends with an error, the engine is
+closed, and a background thread builds a new one with the same factory, retrying until the
+workers are back; meanwhile requests get a 503 and /health says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dllama_py.api.errors import ApiError
+from dllama_py.chat_session import ChatFormat
+from dllama_py.engine import Engine
+from dllama_py.generate import ContextFullError, Generator, TokenEvent
+from dllama_py.sampler import Sampler
+from dllama_py.tokenizer import Tokenizer
+
+
+@dataclass
+class Outcome:
+    """How a generation ended, with the counts `usage` reports and timings."""
+
+    finish_reason: str  # 'stop' or 'length'
+    prompt_tokens: int
+    completion_tokens: int
+    prompt_tokens_evaluated: int  # prompt tokens not already in the KV cache
+    queue_ms: float
+    prompt_ms: float
+    generation_ms: float
+
+    def timing(self) -> dict[str, Any]:
+        """The non-standard `x_dllama` object of a response."""
+        seconds = self.generation_ms / 1e3
+        return {"prompt_tokens_evaluated": self.prompt_tokens_evaluated,
+                "prompt_tokens_cached": self.prompt_tokens - self.prompt_tokens_evaluated,
+                "queue_ms": round(self.queue_ms, 3), "prompt_ms": round(self.prompt_ms, 3),
+                "generation_ms": round(self.generation_ms, 3),
+                "tokens_per_second": round(self.completion_tokens / seconds, 3) if seconds > 0 else None}
+
+
+@dataclass
+class Job:
+    """One request for the generation thread, and the channel its events come back on."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    seed: int | None
+    stop_ids: list[int] | None  # None: the tokenizer's end-of-sequence ids
+    stop_strings: list[str]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        """Stop this job's generation (or skip it if it has not started)."""
+        self.cancelled.set()
+
+    def emit(self, kind: str, payload: Any = None) -> None:
+        """From the generation thread: hand an event to the request's handler.
+        Kinds: 'token' (text), then one of 'done' (Outcome), 'error' (ApiError), 'cancelled'."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
+        except RuntimeError:  # the event loop is gone: nobody is listening any more
+            self.cancelled.set()
+
+
+class GenerationService:
+    """Owns the engine, the generator and the thread that runs them.
+
+    engine_factory builds an Engine (LocalEngine or ClusterEngine); it is called once here
+    (errors propagate) and again after a failure, in the background, until it succeeds.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, engine_factory: Callable[[], Engine], *, model_id: str,
+                 chat_template: str | None = None, nbatches: int | None = None, max_queued: int = 16,
+                 temperature: float = 0.8, top_p: float = 0.9, seed: int | None = None,
+                 workers: Sequence[str] = (), reconnect_interval_s: float = 3.0, token_delay_s: float = 0.0,
+                 log: Callable[[str], None] = print) -> None:
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.created = int(time.time())
+        self.workers = list(workers)
+        self.defaults = {"temperature": temperature, "top_p": top_p, "seed": seed}
+        self.log = log
+        self._engine_factory = engine_factory
+        self._nbatches = nbatches
+        self._reconnect_interval_s = reconnect_interval_s
+        self._token_delay_s = token_delay_s
+        try:
+            self.chat_format: ChatFormat | None = ChatFormat(tokenizer, chat_template)
+            self.chat_error = ""
+        except ValueError as error:
+            self.chat_format, self.chat_error = None, str(error)
+        self._lock = threading.Lock()
+        self.engine: Engine | None = None
+        self.generator: Generator | None = None
+        self._install(engine_factory())
+        self.last_error: str | None = None
+        self.reconnect_attempts = 0
+        self.counters = {"served": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
+        self.max_queued = max_queued
+        self._running: Job | None = None
+        self._closing = threading.Event()
+        self._reconnecting: threading.Thread | None = None
+        self._thread = threading.Thread(target=self._serve_forever, name="dllama-generation", daemon=True)
+        self._thread.start()
+
+    # ---- engine lifecycle -------------------------------------------------------------------
+    def _install(self, engine: Engine) -> None:
+        generator = Generator(engine, self.tokenizer, self._nbatches)
+        with self._lock:
+            self.engine, self.generator = engine, generator
+            self.seq_len = engine.seq_len
+            self.nodes = engine.info.nodes
+
+    @property
+    def available(self) -> bool:
+        return self.generator is not None
+
+    def _engine_failed(self, error: BaseException) -> None:
+        """Drop the broken engine and start rebuilding it in the background."""
+        with self._lock:
+            engine, self.engine, self.generator = self.engine, None, None
+            self.last_error = str(error)
+        self.log(f"dllama-api: the model failed: {error}; reconnecting every {self._reconnect_interval_s:g} s")
+        if engine is not None:
+            try:
+                engine.close()
+            except Exception as close_error:  # a broken cluster may fail to close cleanly too
+                self.log(f"dllama-api: closing the failed engine: {close_error}")
+        self._reconnecting = threading.Thread(target=self._reconnect, name="dllama-reconnect", daemon=True)
+        self._reconnecting.start()
+
+    def _reconnect(self) -> None:
+        while not self._closing.is_set():
+            self.reconnect_attempts += 1
+            try:
+                engine = self._engine_factory()
+            except Exception as error:
+                self.last_error = f"reconnecting (attempt {self.reconnect_attempts}): {error}"
+                self.log(f"dllama-api: {self.last_error}; retrying in {self._reconnect_interval_s:g} s")
+                self._closing.wait(self._reconnect_interval_s)
+                continue
+            if self._closing.is_set():
+                engine.close()
+                return
+            self._install(engine)
+            self.last_error = None
+            self.log(f"dllama-api: the model is back after {self.reconnect_attempts} attempt(s)")
+            return
+
+    # ---- requests ---------------------------------------------------------------------------
+    def unavailable_error(self) -> ApiError:
+        return ApiError(503, f"the model is unavailable: {self.last_error or 'starting'}; retry shortly",
+                        code="model_unavailable")
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Prompt ids of a conversation, ending with the assistant's turn."""
+        if self.chat_format is None:
+            raise ApiError(400, f"chat is not available: {self.chat_error}; use /v1/completions or restart "
+                                "dllama-api with --chat-template", "messages", "no_chat_template")
+        try:
+            return self.chat_format.encode(messages)
+        except Exception as error:  # the template itself may refuse a conversation (raise_exception)
+            raise ApiError(400, f"messages: the chat template refused this conversation: {error}",
+                           "messages") from None
+
+    def encode_prompt(self, prompt: str | list[int]) -> list[int]:
+        """Prompt ids of a completion prompt: text (with BOS if the tokenizer asks) or token ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt, add_bos=self.tokenizer.add_bos)
+        limit = self.tokenizer.vocab_size
+        bad = [t for t in prompt if not 0 <= t < limit]
+        if bad:
+            raise ApiError(400, f"prompt: token ids outside the vocabulary of {limit}: {bad[:5]}", "prompt")
+        return list(prompt)
+
+    def check_fits(self, ids: list[int], param: str) -> None:
+        """A 400 unless the prompt leaves room for at least one generated token."""
+        if not ids:
+            raise ApiError(400, f"{param}: the prompt is empty", param)
+        if len(ids) >= self.seq_len:
+            raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens but the context holds {self.seq_len}; "
+                                "shorten it, or restart dllama-api with a larger --max-seq-len if the model allows",
+                           param, "context_length_exceeded")
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; raises a 503 ApiError while the model is unavailable, a 429 when the queue is full."""
+        if self._closing.is_set():
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
+        if not self.available:
+            raise self.unavailable_error()
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise ApiError(429, f"{self.max_queued} requests are already waiting; retry later",
+                           code="queue_full") from None
+
+    def sampling(self, temperature: float | None, top_p: float | None, seed: int | None) -> tuple[float, float, int | None]:
+        """A request's sampling settings, the server's defaults where it gives none."""
+        temperature = self.defaults["temperature"] if temperature is None else temperature
+        top_p = self.defaults["top_p"] if top_p is None else top_p
+        if top_p == 0:  # keeps only the most likely token
+            temperature = 0.0
+        return temperature, top_p, self.defaults["seed"] if seed is None else seed
+
+    # ---- the generation thread --------------------------------------------------------------
+    def _serve_forever(self) -> None:
+        while True:
+            job = self._queue.get()
+            if job is None:
+                return
+            self._running = job
+            try:
+                self._serve(job)
+            finally:
+                self._running = None
+
+    def _serve(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self.counters["cancelled"] += 1
+            job.emit("cancelled")
+            return
+        generator = self.generator
+        if generator is None:
+            job.emit("error", self.unavailable_error())
+            self.counters["failed"] += 1
+            return
+        started = time.perf_counter()
+        delay = self._token_delay_s
+
+        def on_token(event: TokenEvent) -> None:
+            if event.id >= 0:
+                self.counters["tokens_generated"] += 1
+            if event.text:
+                job.emit("token", event.text)
+            if delay:
+                job.cancelled.wait(delay)
+
+        try:
+            result = generator.generate(job.prompt_ids, job.max_tokens, Sampler(job.temperature, job.top_p, job.seed),
+                                        stop_ids=job.stop_ids, stop_strings=job.stop_strings, on_token=on_token,
+                                        should_stop=job.cancelled.is_set)
+        except ContextFullError as error:
+            job.emit("error", ApiError(400, str(error), None, "context_length_exceeded"))
+            self.counters["failed"] += 1
+            return
+        except Exception as error:
+            # A broken engine (a worker died, a socket failed) or a bug: either way its state is
+            # unknown, so it is rebuilt; the client gets the reason, the log the traceback.
+            self.log(f"dllama-api: generation failed:\n{traceback.format_exc().rstrip()}")
+            self.counters["failed"] += 1
+            job.emit("error", ApiError(503, f"generation failed: {error}; the model is being reloaded",
+                                       code="generation_failed"))
+            self._engine_failed(error)
+            return
+        if job.cancelled.is_set():
+            self.counters["cancelled"] += 1
+            job.emit("cancelled")
+            return
+        self.counters["served"] += 1
+        prompt_ms = sum(s.compute_ms + s.sync_ms for s in result.prompt_steps)
+        job.emit("done", Outcome(result.finish_reason, len(job.prompt_ids), len(result.generated_ids),
+                                 result.prompt_tokens_evaluated, (started - job.submitted) * 1e3, prompt_ms,
+                                 (time.perf_counter() - started) * 1e3 - prompt_ms))
+
+    # ---- status -----------------------------------------------------------------------------
+    def health(self) -> dict[str, Any]:
+        """What /health reports: whether the model is loaded and on how many nodes, the queue, counters."""
+        available = self.available
+        return {
+            "status": "ok" if available else "unavailable",
+            "model": self.model_id,
+            "model_loaded": available,
+            "nodes": self.nodes if available else None,
+            "workers": [{"address": a, "connected": available} for a in self.workers],
+            "context": self.seq_len,
+            "error": None if available else self.last_error,
+            "reconnect_attempts": self.reconnect_attempts,
+            "queue": {"running": self._running is not None, "waiting": self._queue.qsize(),
+                      "max_waiting": self.max_queued},
+            "requests": dict(self.counters),
+        }
+
+    def close(self) -> None:
+        """Cancel what runs and waits, stop the thread, close the engine."""
+        self._closing.set()
+        running = self._running
+        if running is not None:
+            running.cancel()
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                job.cancel()
+        self._queue.put(None)
+        self._thread.join(timeout=30)
+        with self._lock:
+            engine, self.engine, self.generator = self.engine, None, None
+        if engine is not None:
+            engine.close()
