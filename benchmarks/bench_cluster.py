@@ -1,0 +1,181 @@
+"""Cluster speed on the 1B-shaped q40 model (q80 buffers), in one run:
+
+  1 node x 1 thread, 1 node x 2 threads, root + 1 worker x 1 thread each on 127.0.0.1, and,
+  where the machine allows it (root, `ip netns`, `tc`), root + worker in two network
+  namespaces joined by a veth pair shaped to 1 Gbit/s with `tc tbf` like a home switch.
+  This kernel has no `netem`, so no latency is added: the 1gbit row shows the cost of the
+  bandwidth only.
+
+Per configuration: generation and prompt tokens/s, sync ms per token, bytes sent and received
+per token by the root, and seconds from start (connect, ship slices, load) to the first
+generated token. Prints a table and writes JSON (--json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from model_cache import llama_1b_q40  # noqa: E402
+
+NS_ROOT, NS_WORKER = "dllama-bench-root", "dllama-bench-worker"
+ROOT_IP, WORKER_IP = "10.213.0.1", "10.213.0.2"
+
+
+def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, prompt_tokens: int) -> dict:
+    """Measure one configuration in this process (the root)."""
+    from dllama_py.cluster.root import ClusterEngine
+    from dllama_py.engine import LocalEngine
+
+    start = time.perf_counter()
+    if workers:
+        engine = ClusterEngine(model, workers, threads=threads, buffer_type="q80", max_seq_len=1024,
+                               log=lambda m: None, progress=False)
+    else:
+        engine = LocalEngine(model, threads=threads, buffer_type="q80", max_seq_len=1024)
+    rng = np.random.default_rng(0)
+    prompt = [1] + rng.integers(100, 1000, size=prompt_tokens - 1).tolist()
+    t0 = time.perf_counter()
+    for pos in range(0, prompt_tokens, 32):
+        engine.step(prompt[pos:pos + 32], pos, need="argmax" if pos + 32 >= prompt_tokens else "none")
+    prompt_s = time.perf_counter() - t0
+    token = engine.argmax()
+    first_token_s = time.perf_counter() - start
+    stats = []
+    for i in range(gen_tokens):
+        stats.append(engine.step([token], prompt_tokens + i, need="argmax"))
+        token = engine.argmax()
+    engine.close()
+    per_token = [s.compute_ms + s.sync_ms for s in stats]
+    return {
+        "gen_tokens_per_s": 1e3 / statistics.median(per_token),
+        "prompt_tokens_per_s": prompt_tokens / prompt_s,
+        "sync_ms_per_token": statistics.median(s.sync_ms for s in stats),
+        "bytes_sent_per_token": statistics.median(s.bytes_sent for s in stats),
+        "bytes_received_per_token": statistics.median(s.bytes_received for s in stats),
+        "seconds_to_first_token": first_token_s,
+    }
+
+
+def start_worker(prefix: list[str], host: str, port: int, threads: int) -> subprocess.Popen:
+    worker = subprocess.Popen(prefix + [sys.executable, "-m", "dllama_py.cli", "worker", "--host", host, "--port",
+                                        str(port), "--nthreads", str(threads)],
+                              stderr=subprocess.PIPE, text=True)
+    assert worker.stderr is not None
+    for line in worker.stderr:
+        if "listening on" in line:
+            return worker
+    raise RuntimeError("worker did not start")
+
+
+def child(prefix: list[str], args: argparse.Namespace, threads: int, workers: list[str]) -> dict:
+    """Run one configuration in a fresh process (optionally inside a network namespace)."""
+    cmd = prefix + [sys.executable, str(Path(__file__).resolve()), "--child", "--model", str(args.model),
+                    "--threads", str(threads), "--gen-tokens", str(args.gen_tokens),
+                    "--prompt-tokens", str(args.prompt_tokens)] + (["--workers", *workers] if workers else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def netns_available() -> bool:
+    if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("tc"):
+        return False
+    ok = subprocess.run(["ip", "netns", "add", "dllama-bench-probe"], capture_output=True).returncode == 0
+    subprocess.run(["ip", "netns", "del", "dllama-bench-probe"], capture_output=True)
+    return ok
+
+
+def netns_up() -> None:
+    def sh(*cmd: str) -> None:
+        subprocess.run(cmd, check=True, capture_output=True)
+
+    netns_down()
+    sh("ip", "netns", "add", NS_ROOT)
+    sh("ip", "netns", "add", NS_WORKER)
+    sh("ip", "link", "add", "dlb-root", "netns", NS_ROOT, "type", "veth", "peer", "name", "dlb-worker", "netns",
+       NS_WORKER)
+    for ns, dev, ip in ((NS_ROOT, "dlb-root", ROOT_IP), (NS_WORKER, "dlb-worker", WORKER_IP)):
+        sh("ip", "-n", ns, "addr", "add", f"{ip}/24", "dev", dev)
+        sh("ip", "-n", ns, "link", "set", dev, "up")
+        sh("ip", "-n", ns, "link", "set", "lo", "up")
+        sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit",
+           "burst", "128kb", "latency", "50ms")
+
+
+def netns_down() -> None:
+    for ns in (NS_ROOT, NS_WORKER):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--model", type=Path, default=None, help="q40 model (default: the cached 1B-shaped one)")
+    parser.add_argument("--no-netns", action="store_true", help="skip the network-namespace configuration")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", nargs="*", default=[], help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.model = args.model or llama_1b_q40()
+    if args.child:
+        print(json.dumps(run_config(args.model, args.threads, args.workers, args.gen_tokens, args.prompt_tokens)))
+        return 0
+
+    rows = []
+
+    def add(nodes: int, threads: int, link: str, result: dict) -> None:
+        rows.append({"nodes": nodes, "threads": threads, "link": link, **result})
+        r = rows[-1]
+        print(f"{nodes:>5} {threads:>7} {link:>8} {r['gen_tokens_per_s']:>9.2f} {r['prompt_tokens_per_s']:>12.2f}"
+              f" {r['sync_ms_per_token']:>8.2f} {r['bytes_sent_per_token'] / 1e3:>8.1f}"
+              f" {r['bytes_received_per_token'] / 1e3:>8.1f} {r['seconds_to_first_token']:>8.2f}", flush=True)
+
+    print(f"{'nodes':>5} {'threads':>7} {'link':>8} {'gen tok/s':>9} {'prompt tok/s':>12} {'sync ms':>8}"
+          f" {'sent kB':>8} {'recv kB':>8} {'1st tok s':>8}")
+    add(1, 1, "loopback", child([], args, 1, []))
+    add(1, 2, "loopback", child([], args, 2, []))
+    worker = start_worker([], "127.0.0.1", 29998, 1)
+    try:
+        add(2, 1, "loopback", child([], args, 1, ["127.0.0.1:29998"]))
+    finally:
+        worker.kill()
+        worker.wait()
+    if args.no_netns or not netns_available():
+        print("1gbit: skipped (needs root, ip netns and tc)")
+    else:
+        netns_up()
+        try:
+            worker = start_worker(["ip", "netns", "exec", NS_WORKER], WORKER_IP, 9998, 1)
+            try:
+                add(2, 1, "1gbit", child(["ip", "netns", "exec", NS_ROOT], args, 1, [f"{WORKER_IP}:9998"]))
+            finally:
+                worker.kill()
+                worker.wait()
+        finally:
+            netns_down()
+        print("note: 1gbit is a tc tbf rate limit on a veth pair; this kernel has no netem, so no latency was added")
+    base = rows[0]["gen_tokens_per_s"]
+    for r in rows[1:]:
+        print(f"{r['nodes']} node(s) x {r['threads']} thread(s), {r['link']}: {r['gen_tokens_per_s'] / base:.2f}x "
+              "the generation speed of 1 node x 1 thread")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""Generation and prompt speed on one node, against the memory-bandwidth limit.
+
+Model: random weights in Llama 3.2 1B's shape (dim 2048, 16 layers, 32 heads, 8 KV heads,
+hidden 8192, vocab 128256), q40 with q80 activations; made once and cached (model_cache.py).
+For 1 and 2 threads it measures generation (64 tokens, EOS ignored) and prompt processing (a
+128-token prompt), the bandwidth limit (read bandwidth / weight bytes read per token) and the
+time the Python side adds per token (the same forward pass on a twin model whose kernels take
+almost no time). Prints a table and writes JSON (--json PATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from model_cache import llama_1b_q40, tiny_twin  # noqa: E402
+
+from dllama_py import kernels  # noqa: E402
+from dllama_py.engine import LocalEngine  # noqa: E402
+from dllama_py.formats.model_file import tensor_specs  # noqa: E402
+
+
+def read_bandwidth(threads: int, repeats: int = 5) -> float:
+    kernels.set_num_threads(threads)
+    buf = np.ones(1 << 30, dtype=np.uint8)
+    kernels.stream_read(buf)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        kernels.stream_read(buf)
+        times.append(time.perf_counter() - t0)
+    return buf.nbytes / statistics.median(times) / 1e9
+
+
+def weight_bytes_per_token(engine: LocalEngine) -> int:
+    """Bytes of weights one generated token reads: every matrix once, one embedding row."""
+    c = engine.config
+    total = c.dim * 4
+    for spec in tensor_specs(c):
+        if spec.name != "embedding":
+            total += spec.nbytes
+    return total
+
+
+def gen_seconds_per_token(engine: LocalEngine, tokens: int, start: int) -> list[float]:
+    times = []
+    token = 1
+    for i in range(tokens):
+        t0 = time.perf_counter()
+        engine.step([token], start + i, need="argmax")
+        token = engine.argmax()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure(model: Path, threads: int, gen_tokens: int, prompt_tokens: int, repeats: int) -> dict:
+    engine = LocalEngine(model, threads=threads, max_seq_len=1024)
+    rng = np.random.default_rng(0)
+    prompt = [1] + rng.integers(100, 1000, size=prompt_tokens - 1).tolist()
+    gen_rates, prompt_rates = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for pos in range(0, prompt_tokens, 32):
+            engine.step(prompt[pos:pos + 32], pos, need="argmax" if pos + 32 >= prompt_tokens else "none")
+        prompt_rates.append(prompt_tokens / (time.perf_counter() - t0))
+        per_token = gen_seconds_per_token(engine, gen_tokens, prompt_tokens)
+        gen_rates.append(1.0 / statistics.median(per_token))
+    result = {
+        "prompt_tokens_per_s": statistics.median(prompt_rates),
+        "gen_tokens_per_s": statistics.median(gen_rates),
+        "weight_bytes_per_token": weight_bytes_per_token(engine),
+    }
+    engine.close()
+    return result
+
+
+def python_overhead_ms(model: Path, threads: int, tokens: int = 200) -> float:
+    engine = LocalEngine(model, threads=threads, max_seq_len=512)
+    engine.step([1], 0, need="argmax")
+    per_token = gen_seconds_per_token(engine, tokens, 1)
+    engine.close()
+    return statistics.median(per_token) * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", metavar="PATH", help="write the results as JSON here")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--gen-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="rounds per configuration (median)")
+    parser.add_argument("--model", type=Path, default=None, help="a q40 model to use instead of the cached one")
+    args = parser.parse_args(argv)
+
+    model = args.model or llama_1b_q40()
+    rows = []
+    for threads in args.threads:
+        bandwidth = read_bandwidth(threads)
+        r = measure(model, threads, args.gen_tokens, args.prompt_tokens, args.repeats)
+        engine = LocalEngine(model, threads=threads, max_seq_len=8)
+        twin = tiny_twin(engine.config)
+        engine.close()
+        overhead = python_overhead_ms(twin, threads)
+        limit = bandwidth * 1e9 / r["weight_bytes_per_token"]
+        row = {"model": model.name, "threads": threads, **r, "python_overhead_ms_per_token": overhead,
+               "read_bandwidth_gbs": bandwidth, "bandwidth_limit_tokens_per_s": limit,
+               "fraction_of_bandwidth_limit": r["gen_tokens_per_s"] / limit,
+               "prompt_vs_gen": r["prompt_tokens_per_s"] / r["gen_tokens_per_s"],
+               "python_overhead_fraction": overhead / (1e3 / r["gen_tokens_per_s"])}
+        rows.append(row)
+    print(f"{'threads':>7} {'gen tok/s':>9} {'limit':>7} {'% limit':>7} {'prompt tok/s':>12} {'prompt/gen':>10}"
+          f" {'py ms/tok':>9} {'py %':>5} {'read GB/s':>9} {'MB/tok':>7}")
+    for r in rows:
+        print(f"{r['threads']:>7} {r['gen_tokens_per_s']:>9.2f} {r['bandwidth_limit_tokens_per_s']:>7.2f}"
+              f" {100 * r['fraction_of_bandwidth_limit']:>6.1f}% {r['prompt_tokens_per_s']:>12.2f}"
+              f" {r['prompt_vs_gen']:>10.2f} {r['python_overhead_ms_per_token']:>9.3f}"
+              f" {100 * r['python_overhead_fraction']:>4.1f}% {r['read_bandwidth_gbs']:>9.1f}"
+              f" {r['weight_bytes_per_token'] / 1e6:>7.1f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
