@@ -52,7 +52,7 @@ class SamplingRequest(_Open):
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
+    user: Any = None  # a string in OpenAI's API; some clients send an object
     ignore_eos: bool | None = False  # non-standard (as in vLLM): generate max_tokens tokens whatever comes
 
     def stop_strings(self) -> list[str]:

@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     info = service.engine.info
-    log_stderr(info.plan_text)
+    if not args.workers:  # a cluster engine has shown its plan while connecting
+        log_stderr(info.plan_text)
     for note in info.notes:
         log_stderr(f"note: {note}")
     log_stderr(f"weights {info.weight_type}, buffer {info.buffer_type}, context {info.seq_len}, "
@@ -114,8 +115,11 @@ def main(argv: list[str] | None = None) -> int:
                             timeout_graceful_shutdown=5)
     try:
         Server(config).run()
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C / SIGINT after its graceful shutdown
+        pass
     finally:
         service.close()
+    log_stderr("dllama-api: stopped")
     return 0
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 from dllama_py.api.errors import ApiError
 from dllama_py.chat_session import ChatFormat
-from dllama_py.engine import Engine
+from dllama_py.engine import Engine, EngineError
 from dllama_py.generate import ContextFullError, Generator, TokenEvent
 from dllama_py.sampler import Sampler
 from dllama_py.tokenizer import Tokenizer
@@ -266,7 +266,8 @@ class GenerationService:
         except Exception as error:
             # A broken engine (a worker died, a socket failed) or a bug: either way its state is
             # unknown, so it is rebuilt; the client gets the reason, the log the traceback.
-            self.log(f"dllama-api: generation failed:\n{traceback.format_exc().rstrip()}")
+            if not isinstance(error, EngineError):  # an engine's message says all; anything else is a bug
+                self.log(f"dllama-api: generation failed:\n{traceback.format_exc().rstrip()}")
             self.counters["failed"] += 1
             job.emit("error", ApiError(503, f"generation failed: {error}; the model is being reloaded",
                                        code="generation_failed"))

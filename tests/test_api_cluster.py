@@ -1,0 +1,59 @@
+"""dllama-api on a root + 1 worker cluster when the worker dies: the request in flight ends with
+an error, /health and new requests say 503 while it is gone, and the server reconnects by itself
+(re-shipping the slices) once the worker is back, without a restart."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from test_api_support import ApiServer, Worker, free_port, make_stories_files
+
+
+@pytest.fixture(scope="module")
+def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
+    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
+
+
+def test_worker_death_ends_the_request_then_the_server_reconnects(stories_files, tmp_path):
+    port = free_port()
+    worker = Worker(port, tmp_path / "worker1.log")
+    api = ApiServer(*stories_files, tmp_path / "api.log", "--workers", worker.address, "--reconnect-interval", "0.3",
+                    "--debug-token-delay-ms", "10")
+    replacement = None
+    try:
+        client = api.client()
+        before = client.completions.create(model="x", prompt="Once upon a time", temperature=0, max_tokens=20)
+        body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True, "ignore_eos": True}
+        with httpx.stream("POST", f"{api.url}/v1/completions", json=body, headers=api.headers(), timeout=30) as stream:
+            events = stream.iter_lines()
+            assert next(events).startswith("data: ")
+            worker.kill()
+            rest = [line[len("data: "):] for line in events if line.startswith("data: ")]
+        error = json.loads(rest[-2])["error"]  # the stream ends with an error event, then [DONE]
+        assert error["code"] == "generation_failed" and "Traceback" not in error["message"]
+        assert rest[-1] == "[DONE]"
+
+        status = api.wait_health(ok=False)
+        assert api.health().status_code == 503
+        assert status["status"] == "unavailable" and status["error"]
+        assert status["workers"] == [{"address": worker.address, "connected": False}]
+        with pytest.raises(openai.InternalServerError) as raised:
+            client.completions.create(model="x", prompt="Once", max_tokens=2)
+        assert raised.value.status_code == 503
+        assert raised.value.body["code"] == "model_unavailable"
+
+        replacement = Worker(port, tmp_path / "worker2.log")
+        status = api.wait_health(ok=True)
+        assert status["nodes"] == 2 and status["reconnect_attempts"] >= 1
+        after = client.completions.create(model="x", prompt="Once upon a time", temperature=0, max_tokens=20)
+        assert after.choices[0].text == before.choices[0].text
+        assert "the model is back" in api.log()
+    finally:
+        api.stop()
+        worker.stop()
+        if replacement is not None:
+            replacement.stop()
