@@ -106,6 +106,7 @@ class ApiServer(Process):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
+        self.tokenizer_path = tokenizer
         command = [tool("dllama-api"), "--model", str(model), "--tokenizer", str(tokenizer), "--port", str(self.port),
                    "--nthreads", "1", "--chat-template", TEMPLATE, *extra]
         if api_key:
