@@ -42,15 +42,48 @@ struct PrepScratch {
     std::vector<float> scale;
     std::vector<int32_t> bias;
     std::vector<int8_t> split;
+    std::vector<int8_t> lanes;
+    std::vector<int32_t> lane_bias;
+    std::vector<float> lane_scale;
 };
 thread_local PrepScratch t_prep;
 
-PreparedQ80 prepare_q80(const BlockQ80* x, int B, int nb, int offset, bool split_layout) {
+void prepare_lanes(const BlockQ80* x, int B, int nb, PrepScratch& s, PreparedQ80& p) {
+    const int groups = (B + 15) / 16;
+    const size_t cells = static_cast<size_t>(groups) * nb;
+    s.lanes.assign(cells * 8 * 64, 0);
+    s.lane_bias.assign(cells * 16, 0);
+    s.lane_scale.assign(cells * 16, 0.0f);
+    for (int b = 0; b < B; b++) {
+        const int g = b / 16, lane = b % 16;
+        for (int k = 0; k < nb; k++) {
+            const BlockQ80& blk = x[static_cast<size_t>(b) * nb + k];
+            const size_t cell = static_cast<size_t>(g) * nb + k;
+            int8_t* dst = s.lanes.data() + cell * 512;
+            int sum = 0;
+            for (int c = 0; c < 8; c++) {
+                std::memcpy(dst + c * 64 + lane * 4, blk.qs + 4 * c, 4);
+                sum += blk.qs[4 * c] + blk.qs[4 * c + 1] + blk.qs[4 * c + 2] + blk.qs[4 * c + 3];
+            }
+            s.lane_bias[cell * 16 + lane] = -8 * sum;
+            s.lane_scale[cell * 16 + lane] = f16_lut(blk.d);
+        }
+    }
+    p.lanes = s.lanes.data();
+    p.lane_bias = s.lane_bias.data();
+    p.lane_scale = s.lane_scale.data();
+}
+
+PreparedQ80 prepare_q80(const BlockQ80* x, int B, int nb, int offset, bool split_layout, int lanes_min_batch = 0) {
     PrepScratch& s = t_prep;
     const size_t total = static_cast<size_t>(B) * nb;
     if (s.scale.size() < total) s.scale.resize(total);
     for (size_t i = 0; i < total; i++) s.scale[i] = f16_lut(x[i].d);
-    PreparedQ80 p{x, s.scale.data(), nullptr, nullptr};
+    PreparedQ80 p{x, s.scale.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
+    if (lanes_min_batch > 0 && B >= lanes_min_batch) {
+        prepare_lanes(x, B, nb, s, p);
+        return p;
+    }
     if (offset == 0) return p;
     const int lanes = split_layout ? 4 : 8;
     if (s.bias.size() < total * lanes) s.bias.resize(total * lanes);
@@ -135,7 +168,7 @@ void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int 
 }
 void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = prepare_q80(x, B, n_blocks, k.q40_bias_offset, k.q40_split_layout);
+    const PreparedQ80 p = prepare_q80(x, B, n_blocks, k.q40_bias_offset, k.q40_split_layout, k.q40_lanes_min_batch);
     parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
                   [&](int r0, int r1) { k.matmul_q80_q40_f32(p, w, y, B, rows, n_blocks, r0, r1); });
 }

@@ -15,11 +15,19 @@ namespace dllama {
 // halves (values 0-15 of each block, 64 bytes) then the 4 second halves: the order of the
 // unpacked low and high nibbles of 4 Q40 blocks. Its bias has 4 lanes per block:
 // bias[b][k][lane] = -offset * (sum of x[4*lane..4*lane+3] and x[16+4*lane..16+4*lane+3]).
+//
+// With the lanes layout (q40_lanes_min_batch, for batches of at least that many rows), the
+// batch is cut in groups of 16 rows (the last padded with zeros) and one 64-byte vector holds
+// 4 consecutive values of one block for each of the 16 rows: lanes[g][k][c] = rows 16g..16g+15,
+// values 4c..4c+3 of block k, so a weight dword broadcast against it feeds 16 rows at once.
 struct PreparedQ80 {
     const BlockQ80* blocks;  // [B][nb]
     const float* scale;      // [B][nb] the blocks' fp16 scales as f32
     const int32_t* bias;     // [B][nb][8] (or [B][nb][4] with the split layout); null when unused
     const int8_t* split;     // [B][nb/4][128] with the split layout, else null
+    const int8_t* lanes;       // [G][nb][8][64] with the lanes layout, else null
+    const int32_t* lane_bias;  // [G][nb][16]: -8 * (sum of the block's values) per row
+    const float* lane_scale;   // [G][nb][16]: the block's scale per row (0 for padding rows)
 };
 
 // Single-threaded kernels over output rows [r0, r1); x has B rows, y is [B][rows].
@@ -40,6 +48,7 @@ struct KernelTable {
     int q40_bias_offset;
     int q80_bias_offset;
     bool q40_split_layout;  // Q40 matmul reads PreparedQ80::split and 4-lane biases
+    int q40_lanes_min_batch;  // from this batch size on, Q40 matmul reads the lanes layout (0: never)
 };
 
 const KernelTable* kernels_scalar();

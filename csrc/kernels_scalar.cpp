@@ -81,6 +81,7 @@ const KernelTable kTable = {
     0,
     0,
     false,
+    0,
 };
 
 }  // namespace
