@@ -12,7 +12,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_api_support import TEMPLATE, ApiServer, Worker, free_port, make_stories_files, reference_completion, sse_events
+from test_api_support import (
+    TEMPLATE,
+    ApiServer,
+    Worker,
+    free_port,
+    make_stories_files,
+    reference_completion,
+    sse_events,
+)
 
 from dllama_py.chat_session import ChatFormat
 from dllama_py.generate import common_prefix
@@ -53,6 +61,7 @@ def chat_ids(tokenizer: Tokenizer, messages: list[dict]) -> list[int]:
 
 # ---- models and health ----------------------------------------------------------------------
 
+
 def test_models_lists_the_loaded_model(server):
     models = server.client().models.list()
     assert [m.id for m in models.data] == ["stories260K"]
@@ -71,16 +80,18 @@ def test_health_reports_the_model_and_its_nodes(server):
 
 
 def test_startup_log_names_the_url(server):
-    assert f"dllama-api: serving stories260K on " in server.log()
+    assert "dllama-api: serving stories260K on " in server.log()
     assert f"http://127.0.0.1:{server.port}" in server.log()
 
 
 # ---- completions ----------------------------------------------------------------------------
 
+
 def test_greedy_completion_equals_llama2c_reference(server, testdata):
     ref = reference_completion(testdata, STORY)
-    completion = server.client().completions.create(model="stories260K", prompt=STORY, temperature=0,
-                                                    max_tokens=ref["num_generated"])
+    completion = server.client().completions.create(
+        model="stories260K", prompt=STORY, temperature=0, max_tokens=ref["num_generated"]
+    )
     assert completion.object == "text_completion"
     choice = completion.choices[0]
     assert STORY + choice.text == ref["text"]
@@ -92,9 +103,14 @@ def test_greedy_completion_equals_llama2c_reference(server, testdata):
 
 def test_streamed_completion_equals_the_reference_too(server, testdata):
     ref = reference_completion(testdata, STORY)
-    stream = server.client().completions.create(model="stories260K", prompt=STORY, temperature=0,
-                                                max_tokens=ref["num_generated"], stream=True,
-                                                stream_options={"include_usage": True})
+    stream = server.client().completions.create(
+        model="stories260K",
+        prompt=STORY,
+        temperature=0,
+        max_tokens=ref["num_generated"],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert STORY + text == ref["text"]
@@ -105,8 +121,9 @@ def test_streamed_completion_equals_the_reference_too(server, testdata):
 
 def test_completion_of_token_ids_and_echo(server, testdata):
     ref = reference_completion(testdata, STORY)
-    completion = server.client().completions.create(model="x", prompt=ref["prompt_ids_with_bos"], temperature=0,
-                                                    max_tokens=10, echo=True)
+    completion = server.client().completions.create(
+        model="x", prompt=ref["prompt_ids_with_bos"], temperature=0, max_tokens=10, echo=True
+    )
     assert ref["text"].startswith(completion.choices[0].text)
     assert completion.choices[0].text.startswith(STORY)
 
@@ -114,13 +131,14 @@ def test_completion_of_token_ids_and_echo(server, testdata):
 def test_stop_sequences_cut_the_text_and_finish_with_stop(server, testdata):
     ref = reference_completion(testdata, STORY)
     client = server.client()
-    full = ref["text"][len(STORY):]
+    full = ref["text"][len(STORY) :]
     completion = client.completions.create(model="x", prompt=STORY, temperature=0, max_tokens=60, stop="Lily")
     assert completion.choices[0].text == full[: full.index("Lily")]
     assert completion.choices[0].finish_reason == "stop"
     # the earliest of several stop strings wins, streaming too
-    stream = client.completions.create(model="x", prompt=STORY, temperature=0, max_tokens=60,
-                                       stop=["park", "girl"], stream=True)
+    stream = client.completions.create(
+        model="x", prompt=STORY, temperature=0, max_tokens=60, stop=["park", "girl"], stream=True
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == full[: full.index("girl")]
     assert chunks[-1].choices[0].finish_reason == "stop"
@@ -136,8 +154,13 @@ def test_a_seed_gives_the_same_text_twice(server):
     client = server.client()
 
     def sample(seed: int) -> str:
-        return client.completions.create(model="x", prompt=STORY, temperature=1.0, top_p=0.9, seed=seed,
-                                         max_tokens=30).choices[0].text
+        return (
+            client.completions.create(
+                model="x", prompt=STORY, temperature=1.0, top_p=0.9, seed=seed, max_tokens=30
+            )
+            .choices[0]
+            .text
+        )
 
     first = sample(1234)
     assert sample(1234) == first
@@ -146,11 +169,15 @@ def test_a_seed_gives_the_same_text_twice(server):
 
 # ---- chat -----------------------------------------------------------------------------------
 
+
 def test_chat_answer_has_usage_equal_to_the_tokenizer_count(server, tokenizer):
-    messages = [{"role": "system", "content": "You tell short stories."},
-                {"role": "user", "content": "Tell me about a cat."}]
-    completion = server.client().chat.completions.create(model="stories260K", messages=messages, temperature=0,
-                                                         max_tokens=12)
+    messages = [
+        {"role": "system", "content": "You tell short stories."},
+        {"role": "user", "content": "Tell me about a cat."},
+    ]
+    completion = server.client().chat.completions.create(
+        model="stories260K", messages=messages, temperature=0, max_tokens=12
+    )
     assert completion.object == "chat.completion"
     choice = completion.choices[0]
     assert choice.message.role == "assistant"
@@ -166,7 +193,9 @@ def test_chat_stop_string_finishes_with_stop(server):
     whole = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=40)
     text = whole.choices[0].message.content
     assert "." in text
-    cut = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=40, stop=["."])
+    cut = client.chat.completions.create(
+        model="x", messages=messages, temperature=0, max_tokens=40, stop=["."]
+    )
     assert cut.choices[0].message.content == text[: text.index(".")]
     assert cut.choices[0].finish_reason == "stop"
 
@@ -175,8 +204,14 @@ def test_streamed_chat_equals_the_whole_answer(server):
     messages = [{"role": "user", "content": "Tell me a story about a dog."}]
     client = server.client()
     whole = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30)
-    stream = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model="x",
+        messages=messages,
+        temperature=0,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -188,10 +223,16 @@ def test_streamed_chat_equals_the_whole_answer(server):
 
 
 def test_stream_is_server_sent_events_ending_with_done(server):
-    body = {"model": "x", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "stream": True,
-            "temperature": 0}
-    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json=body, headers=server.headers(),
-                      timeout=30) as response:
+    body = {
+        "model": "x",
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 5,
+        "stream": True,
+        "temperature": 0,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=server.headers(), timeout=30
+    ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         raw = response.read().decode()
@@ -206,10 +247,15 @@ def test_stream_is_server_sent_events_ending_with_done(server):
 
 def test_list_of_text_parts_is_the_same_as_a_string(server):
     client = server.client()
-    plain = client.chat.completions.create(model="x", temperature=0, max_tokens=8,
-                                           messages=[{"role": "user", "content": "Tell me a story"}])
-    parts = client.chat.completions.create(model="x", temperature=0, max_tokens=8, messages=[
-        {"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]}])
+    plain = client.chat.completions.create(
+        model="x", temperature=0, max_tokens=8, messages=[{"role": "user", "content": "Tell me a story"}]
+    )
+    parts = client.chat.completions.create(
+        model="x",
+        temperature=0,
+        max_tokens=8,
+        messages=[{"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]}],
+    )
     assert parts.choices[0].message.content == plain.choices[0].message.content
 
 
@@ -217,8 +263,10 @@ def test_second_chat_turn_evaluates_only_the_new_tokens(server, tokenizer):
     client = server.client()
     first = [{"role": "user", "content": "Write about a little red bird."}]
     answer = client.chat.completions.create(model="x", messages=first, temperature=0, max_tokens=20)
-    second = first + [{"role": "assistant", "content": answer.choices[0].message.content},
-                      {"role": "user", "content": "What did the bird do next?"}]
+    second = first + [
+        {"role": "assistant", "content": answer.choices[0].message.content},
+        {"role": "user", "content": "What did the bird do next?"},
+    ]
     reply = client.chat.completions.create(model="x", messages=second, temperature=0, max_tokens=5)
     ids_first, ids_second = chat_ids(tokenizer, first), chat_ids(tokenizer, second)
     assert common_prefix(ids_first, ids_second) == len(ids_first)
@@ -231,8 +279,16 @@ def test_second_chat_turn_evaluates_only_the_new_tokens(server, tokenizer):
 
 # ---- concurrency ----------------------------------------------------------------------------
 
-PROMPTS = ["Once upon a time", "Lily wanted to", "The cat", "Tom and his dog", "One day, a bird",
-           "The sun was", "Sam had a red", "In the park"]
+PROMPTS = [
+    "Once upon a time",
+    "Lily wanted to",
+    "The cat",
+    "Tom and his dog",
+    "One day, a bird",
+    "The sun was",
+    "Sam had a red",
+    "In the park",
+]
 
 
 def test_eight_concurrent_clients_each_get_their_own_text(server):
@@ -241,11 +297,15 @@ def test_eight_concurrent_clients_each_get_their_own_text(server):
     def complete(i: int) -> str:
         prompt, max_tokens = PROMPTS[i], 20 + i
         if i % 2:  # half of them stream
-            stream = client.completions.create(model="x", prompt=prompt, temperature=0, max_tokens=max_tokens,
-                                               stream=True)
+            stream = client.completions.create(
+                model="x", prompt=prompt, temperature=0, max_tokens=max_tokens, stream=True
+            )
             return "".join(c.choices[0].text for c in stream)
-        return client.completions.create(model="x", prompt=prompt, temperature=0,
-                                         max_tokens=max_tokens).choices[0].text
+        return (
+            client.completions.create(model="x", prompt=prompt, temperature=0, max_tokens=max_tokens)
+            .choices[0]
+            .text
+        )
 
     alone = [complete(i) for i in range(len(PROMPTS))]
     with ThreadPoolExecutor(len(PROMPTS)) as pool:

@@ -26,8 +26,9 @@ SCREENSHOT = os.environ.get("DLLAMA_SCREENSHOT")  # a path to save the page to, 
 def server(testdata: Path, tmp_path_factory):
     files = make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
     # 25 ms per token, so the test sees an answer while it is still streaming
-    api = ApiServer(*files, tmp_path_factory.mktemp("api_logs") / "api.log", "--debug-token-delay-ms", "25",
-                    api_key=None)
+    api = ApiServer(
+        *files, tmp_path_factory.mktemp("api_logs") / "api.log", "--debug-token-delay-ms", "25", api_key=None
+    )
     yield api
     api.stop()
 
@@ -44,8 +45,13 @@ def browser():
             pytest.fail(f"{path} not found: apt-get install -y chromium chromium-driver")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                 "--window-size=1000,800"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1000,800",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
     driver.set_page_load_timeout(20)
@@ -82,8 +88,10 @@ def send(driver, text: str) -> None:
 def watch_answer(driver, index: int) -> list[str]:
     """The texts the index-th answer showed while it streamed, until it finished."""
     seen: list[str] = []
-    bubble = wait_until(lambda: len(assistant_bubbles(driver)) > index and assistant_bubbles(driver)[index],
-                        what=f"answer {index + 1}")
+    bubble = wait_until(
+        lambda: len(assistant_bubbles(driver)) > index and assistant_bubbles(driver)[index],
+        what=f"answer {index + 1}",
+    )
     while "streaming" in (bubble.get_attribute("class") or ""):
         text = bubble.text
         if text and (not seen or seen[-1] != text):
@@ -109,13 +117,17 @@ def test_chat_page_streams_answers_keeps_the_conversation_stops_and_starts_over(
     client = server.client()
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
     expected = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30)
-    assert first.startswith(expected.choices[0].message.content)  # then a note: "(stopped at the token limit)"
+    assert first.startswith(
+        expected.choices[0].message.content
+    )  # then a note: "(stopped at the token limit)"
 
     send(browser, "What happened next?")
     watch_answer(browser, 1)
     second = assistant_bubbles(browser)[1].text
-    messages += [{"role": "assistant", "content": expected.choices[0].message.content},
-                 {"role": "user", "content": "What happened next?"}]
+    messages += [
+        {"role": "assistant", "content": expected.choices[0].message.content},
+        {"role": "user", "content": "What happened next?"},
+    ]
     expected = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30)
     assert second.startswith(expected.choices[0].message.content)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4
@@ -126,13 +138,18 @@ def test_chat_page_streams_answers_keeps_the_conversation_stops_and_starts_over(
     max_tokens.clear()
     max_tokens.send_keys("400")
     send(browser, "Tell me a very long story.")
-    wait_until(lambda: len(assistant_bubbles(browser)) == 3 and assistant_bubbles(browser)[2].text,
-               what="the third answer to start")
+    wait_until(
+        lambda: len(assistant_bubbles(browser)) == 3 and assistant_bubbles(browser)[2].text,
+        what="the third answer to start",
+    )
     browser.find_element(By.ID, "stop").click()
     wait_until(lambda: "(stopped)" in assistant_bubbles(browser)[2].text, what="the stopped note")
     assert browser.find_element(By.ID, "send").is_enabled()
-    wait_until(lambda: server.health().json()["requests"]["cancelled"] == cancelled + 1, timeout=5,
-               what="the server to cancel the generation")
+    wait_until(
+        lambda: server.health().json()["requests"]["cancelled"] == cancelled + 1,
+        timeout=5,
+        what="the server to cancel the generation",
+    )
     assert not browser.find_element(By.ID, "error").is_displayed()
 
     browser.find_element(By.ID, "new-chat").click()
@@ -143,9 +160,14 @@ def test_chat_page_streams_answers_keeps_the_conversation_stops_and_starts_over(
     watch_answer(browser, 0)
     assert assistant_bubbles(browser)[0].text
     # the new conversation holds only this message: the usage line shows its prompt's token count
-    prompt_tokens = len(ChatFormat(Tokenizer.load(server.tokenizer_path), TEMPLATE).encode(
-        [{"role": "user", "content": "Hello"}]))
-    wait_until(lambda: browser.find_element(By.ID, "stats").text.startswith(f"{prompt_tokens} prompt tokens,"),
-               what="the usage line")
+    prompt_tokens = len(
+        ChatFormat(Tokenizer.load(server.tokenizer_path), TEMPLATE).encode(
+            [{"role": "user", "content": "Hello"}]
+        )
+    )
+    wait_until(
+        lambda: browser.find_element(By.ID, "stats").text.startswith(f"{prompt_tokens} prompt tokens,"),
+        what="the usage line",
+    )
     if SCREENSHOT:
         browser.save_screenshot(SCREENSHOT)

@@ -21,18 +21,28 @@ def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
 def test_worker_death_ends_the_request_then_the_server_reconnects(stories_files, tmp_path):
     port = free_port()
     worker = Worker(port, tmp_path / "worker1.log")
-    api = ApiServer(*stories_files, tmp_path / "api.log", "--workers", worker.address, "--reconnect-interval", "0.3",
-                    "--debug-token-delay-ms", "10")
+    api = ApiServer(
+        *stories_files,
+        tmp_path / "api.log",
+        "--workers",
+        worker.address,
+        "--reconnect-interval",
+        "0.3",
+        "--debug-token-delay-ms",
+        "10",
+    )
     replacement = None
     try:
         client = api.client()
         before = client.completions.create(model="x", prompt="Once upon a time", temperature=0, max_tokens=20)
         body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True, "ignore_eos": True}
-        with httpx.stream("POST", f"{api.url}/v1/completions", json=body, headers=api.headers(), timeout=30) as stream:
+        with httpx.stream(
+            "POST", f"{api.url}/v1/completions", json=body, headers=api.headers(), timeout=30
+        ) as stream:
             events = stream.iter_lines()
             assert next(events).startswith("data: ")
             worker.kill()
-            rest = [line[len("data: "):] for line in events if line.startswith("data: ")]
+            rest = [line[len("data: ") :] for line in events if line.startswith("data: ")]
         error = json.loads(rest[-2])["error"]  # the stream ends with an error event, then [DONE]
         assert error["code"] == "generation_failed" and "Traceback" not in error["message"]
         assert rest[-1] == "[DONE]"

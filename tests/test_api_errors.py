@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_api_support import API_KEY, ApiServer, make_stories_files
+from test_api_support import ApiServer, make_stories_files
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
@@ -31,13 +31,21 @@ def server(stories_files, tmp_path_factory):
 @pytest.fixture(scope="module")
 def slow_server(stories_files, tmp_path_factory):
     """One waiting request at most, and 20 ms per token, so a test can act during a generation."""
-    api = ApiServer(*stories_files, tmp_path_factory.mktemp("api_logs") / "api.log", "--max-queued", "1",
-                    "--debug-token-delay-ms", "20")
+    api = ApiServer(
+        *stories_files,
+        tmp_path_factory.mktemp("api_logs") / "api.log",
+        "--max-queued",
+        "1",
+        "--debug-token-delay-ms",
+        "20",
+    )
     yield api
     api.stop()
 
 
-def assert_error(response: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+def assert_error(
+    response: httpx.Response, status: int, param: str | None = None, code: str | None = None
+) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -49,6 +57,7 @@ def assert_error(response: httpx.Response, status: int, param: str | None = None
 
 
 # ---- 401 ------------------------------------------------------------------------------------
+
 
 def test_missing_or_wrong_api_key_is_401(server):
     assert_error(server.post(CHAT, json={"messages": HI}, headers={}), 401, code="invalid_api_key")
@@ -67,82 +76,131 @@ def test_health_and_chat_page_need_no_key(server):
 
 # ---- 400 ------------------------------------------------------------------------------------
 
+
 def test_malformed_json_is_400(server):
-    error = assert_error(server.post(CHAT, content=b'{"messages": [', headers=server.headers()), 400,
-                         code="invalid_json")
+    error = assert_error(
+        server.post(CHAT, content=b'{"messages": [', headers=server.headers()), 400, code="invalid_json"
+    )
     assert "JSON" in error["message"]
     assert_error(server.post(CHAT, content=b"[1, 2]", headers=server.headers()), 400)
     assert_error(server.post(CHAT, content=b"", headers=server.headers()), 400)
 
 
-@pytest.mark.parametrize("body, param", [
-    ({"messages": "hello"}, "messages"),
-    ({}, "messages"),
-    ({"messages": HI, "temperature": "hot"}, "temperature"),
-    ({"messages": HI, "temperature": 3}, "temperature"),
-    ({"messages": HI, "max_tokens": "5"}, "max_tokens"),
-    ({"messages": HI, "max_tokens": 0}, "max_tokens"),
-    ({"messages": HI, "stream": "yes"}, "stream"),
-    ({"messages": HI, "stop": 7}, "stop"),
-    ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
-    ({"messages": [{"content": "x"}]}, "messages[0].role"),
-    ({"messages": []}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"messages": "hello"}, "messages"),
+        ({}, "messages"),
+        ({"messages": HI, "temperature": "hot"}, "temperature"),
+        ({"messages": HI, "temperature": 3}, "temperature"),
+        ({"messages": HI, "max_tokens": "5"}, "max_tokens"),
+        ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+        ({"messages": HI, "stream": "yes"}, "stream"),
+        ({"messages": HI, "stop": 7}, "stop"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"content": "x"}]}, "messages[0].role"),
+        ({"messages": []}, "messages"),
+    ],
+)
 def test_bad_types_are_400_naming_the_field(server, body, param):
     assert_error(server.post(CHAT, json=body), 400, param)
 
 
 def test_unknown_role_is_400(server):
-    error = assert_error(server.post(CHAT, json={"messages": [{"role": "wizard", "content": "x"}]}), 400,
-                         "messages[0].role")
+    error = assert_error(
+        server.post(CHAT, json={"messages": [{"role": "wizard", "content": "x"}]}), 400, "messages[0].role"
+    )
     assert "wizard" in error["message"]
 
 
 def test_prompt_longer_than_the_context_is_400(server):
     long_text = "the cat sat on the mat " * 150  # about 900 tokens; the context holds 512
-    assert_error(server.post(CHAT, json={"messages": [{"role": "user", "content": long_text}]}), 400, "messages",
-                 "context_length_exceeded")
-    assert_error(server.post("/v1/completions", json={"prompt": long_text}), 400, "prompt", "context_length_exceeded")
+    assert_error(
+        server.post(CHAT, json={"messages": [{"role": "user", "content": long_text}]}),
+        400,
+        "messages",
+        "context_length_exceeded",
+    )
+    assert_error(
+        server.post("/v1/completions", json={"prompt": long_text}), 400, "prompt", "context_length_exceeded"
+    )
     with pytest.raises(openai.BadRequestError):
         server.client().completions.create(model="x", prompt=long_text)
 
 
-@pytest.mark.parametrize("extra, param", [
-    ({"n": 2}, "n"),
-    ({"logprobs": True}, "logprobs"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
-    ({"functions": [{"name": "f"}]}, "functions"),
-    ({"frequency_penalty": 0.5}, "frequency_penalty"),
-    ({"presence_penalty": -1}, "presence_penalty"),
-    ({"logit_bias": {"42": 5}}, "logit_bias"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
-    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages[0].content[0].type"),
-])
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 2}, "n"),
+        ({"logprobs": True}, "logprobs"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"42": 5}}, "logit_bias"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0].type",
+        ),
+    ],
+)
 def test_unsupported_features_are_400_naming_the_field(server, extra, param):
-    error = assert_error(server.post(CHAT, json={"messages": HI, **extra}), 400, param, "unsupported_parameter")
+    error = assert_error(
+        server.post(CHAT, json={"messages": HI, **extra}), 400, param, "unsupported_parameter"
+    )
     assert param.split("[")[0] in error["message"]
 
 
 def test_completion_unsupported_fields_are_400(server):
-    for extra, param in (({"best_of": 3}, "best_of"), ({"suffix": "end"}, "suffix"), ({"logprobs": 2}, "logprobs"),
-                         ({"prompt": ["a", "b"]}, "prompt")):
-        assert_error(server.post("/v1/completions", json={"prompt": "Once", **extra}), 400, param,
-                     "unsupported_parameter")
+    for extra, param in (
+        ({"best_of": 3}, "best_of"),
+        ({"suffix": "end"}, "suffix"),
+        ({"logprobs": 2}, "logprobs"),
+        ({"prompt": ["a", "b"]}, "prompt"),
+    ):
+        assert_error(
+            server.post("/v1/completions", json={"prompt": "Once", **extra}),
+            400,
+            param,
+            "unsupported_parameter",
+        )
 
 
 def test_default_valued_fields_real_clients_send_are_accepted(server):
     # what Open WebUI and the openai package send when nothing special is asked, plus unknown fields
-    body = {"model": "whatever", "messages": [{"role": "system", "content": "Be brief."},
-                                              {"role": "developer", "content": "Really."},
-                                              {"role": "user", "content": "Hi", "name": "ann"}],
-            "stream": False, "n": 1, "logprobs": False, "top_logprobs": None, "tools": [], "tool_choice": "none",
-            "functions": None, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
-            "response_format": {"type": "text"}, "stop": None, "seed": None, "user": "someone",
-            "parallel_tool_calls": False, "metadata": {"chat_id": "1"}, "reasoning_effort": None,
-            "max_tokens": 4, "max_completion_tokens": None, "temperature": 0, "top_p": 1, "something_new": [1]}
+    body = {
+        "model": "whatever",
+        "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "developer", "content": "Really."},
+            {"role": "user", "content": "Hi", "name": "ann"},
+        ],
+        "stream": False,
+        "n": 1,
+        "logprobs": False,
+        "top_logprobs": None,
+        "tools": [],
+        "tool_choice": "none",
+        "functions": None,
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "logit_bias": {},
+        "response_format": {"type": "text"},
+        "stop": None,
+        "seed": None,
+        "user": "someone",
+        "parallel_tool_calls": False,
+        "metadata": {"chat_id": "1"},
+        "reasoning_effort": None,
+        "max_tokens": 4,
+        "max_completion_tokens": None,
+        "temperature": 0,
+        "top_p": 1,
+        "something_new": [1],
+    }
     response = server.post(CHAT, json=body)
     assert response.status_code == 200, response.text
     assert response.json()["usage"]["completion_tokens"] == 4
@@ -150,18 +208,29 @@ def test_default_valued_fields_real_clients_send_are_accepted(server):
 
 def test_unknown_route_is_404_in_openai_shape(server):
     assert_error(httpx.get(f"{server.url}/v1/engines"), 404)
-    assert_error(httpx.get(f"{server.url}/v1/models/other", headers=server.headers()), 404, "model",
-                 "model_not_found")
+    assert_error(
+        httpx.get(f"{server.url}/v1/models/other", headers=server.headers()), 404, "model", "model_not_found"
+    )
 
 
 # ---- the queue and clients that go away -----------------------------------------------------
 
+
 def long_stream(server: ApiServer, max_tokens: int = 300) -> httpx.Response:
     """A streamed completion that runs max_tokens * 20 ms unless cancelled; the caller closes it."""
     client = httpx.Client(timeout=30)
-    request = client.build_request("POST", f"{server.url}/v1/completions", headers=server.headers(),
-                                   json={"prompt": "Once upon a time", "max_tokens": max_tokens, "stream": True,
-                                         "ignore_eos": True, "temperature": 0})
+    request = client.build_request(
+        "POST",
+        f"{server.url}/v1/completions",
+        headers=server.headers(),
+        json={
+            "prompt": "Once upon a time",
+            "max_tokens": max_tokens,
+            "stream": True,
+            "ignore_eos": True,
+            "temperature": 0,
+        },
+    )
     return client.send(request, stream=True)
 
 
@@ -217,8 +286,9 @@ def test_client_disconnecting_mid_stream_stops_its_generation(slow_server):
 def test_client_giving_up_on_a_whole_answer_stops_its_generation(slow_server):
     before = wait_idle(slow_server, 5)["requests"]
     with pytest.raises(httpx.TimeoutException):
-        slow_server.post("/v1/completions", timeout=0.3,
-                         json={"prompt": "Once", "max_tokens": 400, "ignore_eos": True})
+        slow_server.post(
+            "/v1/completions", timeout=0.3, json={"prompt": "Once", "max_tokens": 400, "ignore_eos": True}
+        )
     after = wait_idle(slow_server, 2)["requests"]
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["tokens_generated"] - before["tokens_generated"] < 60

@@ -34,9 +34,16 @@ def tool(name: str) -> str:
 def make_stories_files(testdata: Path, folder: Path) -> tuple[Path, Path]:
     """stories260K as a .m file (f32) and tok512 as a .t file, made with our converters."""
     model, tokenizer = folder / "stories260K.m", folder / "tok512.t"
-    for command in ([tool("convert-hf"), str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model)],
-                    [tool("convert-tokenizer"), str(testdata / "stories260K" / "tok512.model"), "tok512",
-                     "--output", str(tokenizer)]):
+    for command in (
+        [tool("convert-hf"), str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model)],
+        [
+            tool("convert-tokenizer"),
+            str(testdata / "stories260K" / "tok512.model"),
+            "tok512",
+            "--output",
+            str(tokenizer),
+        ],
+    ):
         subprocess.run(command, check=True, capture_output=True, timeout=120)
     return model, tokenizer
 
@@ -59,10 +66,11 @@ class Process:
     def __init__(self, command: list[str], log_path: Path) -> None:
         self.command = command
         self.log_path = log_path
-        self.log_file = open(log_path, "w")
+        self.log_file = open(log_path, "w")  # noqa: SIM115 - the child writes to it until stop()
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.process = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=self.log_file, stderr=subprocess.STDOUT, env=env, stdin=subprocess.DEVNULL
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -93,8 +101,10 @@ class Process:
 
 class Worker(Process):
     def __init__(self, port: int, log_path: Path) -> None:
-        super().__init__([tool("dllama"), "worker", "--host", "127.0.0.1", "--port", str(port), "--nthreads", "1"],
-                         log_path)
+        super().__init__(
+            [tool("dllama"), "worker", "--host", "127.0.0.1", "--port", str(port), "--nthreads", "1"],
+            log_path,
+        )
         self.address = f"127.0.0.1:{port}"
         self.wait_for_log("listening on")
 
@@ -102,13 +112,27 @@ class Worker(Process):
 class ApiServer(Process):
     """`dllama-api` on a free port of 127.0.0.1, ready once /health answers."""
 
-    def __init__(self, model: Path, tokenizer: Path, log_path: Path, *extra: str, api_key: str | None = API_KEY) -> None:
+    def __init__(
+        self, model: Path, tokenizer: Path, log_path: Path, *extra: str, api_key: str | None = API_KEY
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         self.tokenizer_path = tokenizer
-        command = [tool("dllama-api"), "--model", str(model), "--tokenizer", str(tokenizer), "--port", str(self.port),
-                   "--nthreads", "1", "--chat-template", TEMPLATE, *extra]
+        command = [
+            tool("dllama-api"),
+            "--model",
+            str(model),
+            "--tokenizer",
+            str(tokenizer),
+            "--port",
+            str(self.port),
+            "--nthreads",
+            "1",
+            "--chat-template",
+            TEMPLATE,
+            *extra,
+        ]
         if api_key:
             command += ["--api-key", api_key]
         super().__init__(command, log_path)
@@ -120,8 +144,13 @@ class ApiServer(Process):
     def client(self, **kwargs):  # -> openai.OpenAI
         import openai
 
-        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=self.api_key or "none", max_retries=0,
-                             timeout=kwargs.pop("timeout", 30.0), **kwargs)
+        return openai.OpenAI(
+            base_url=f"{self.url}/v1",
+            api_key=self.api_key or "none",
+            max_retries=0,
+            timeout=kwargs.pop("timeout", 30.0),
+            **kwargs,
+        )
 
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.url}/health", timeout=10)
@@ -148,4 +177,4 @@ def sse_events(raw: str) -> list[str]:
     events = raw[:-2].split("\n\n")
     for event in events:
         assert event.startswith("data: "), event
-    return [event[len("data: "):] for event in events]
+    return [event[len("data: ") :] for event in events]

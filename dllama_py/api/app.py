@@ -45,19 +45,22 @@ class _FirstSpace:
     def __call__(self, text: str) -> str:
         if self.active and text:
             self.active = False
-            return text[1:] if text.startswith(" ") else text
+            return text.removeprefix(" ")
         return text
 
 
-def create_app(service: GenerationService, api_key: str | None = None,
-               cors_origins: list[str] | None = None) -> FastAPI:
+def create_app(
+    service: GenerationService, api_key: str | None = None, cors_origins: list[str] | None = None
+) -> FastAPI:
     """The application over `service`; with `api_key`, /v1/ routes need `Authorization: Bearer KEY`."""
     app = FastAPI(title="dllama-api", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.service = service
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
-        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+        app.add_middleware(
+            CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
 
     # ---- errors -----------------------------------------------------------------------------
     @app.exception_handler(ApiError)
@@ -66,9 +69,10 @@ def create_app(service: GenerationService, api_key: str | None = None,
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        message = {404: f"no route {request.method} {request.url.path}",
-                   405: f"{request.method} is not allowed on {request.url.path}"}.get(error.status_code,
-                                                                                       str(error.detail))
+        message = {
+            404: f"no route {request.method} {request.url.path}",
+            405: f"{request.method} is not allowed on {request.url.path}",
+        }.get(error.status_code, str(error.detail))
         return error_response(ApiError(error.status_code, message))
 
     @app.exception_handler(RequestValidationError)
@@ -77,8 +81,11 @@ def create_app(service: GenerationService, api_key: str | None = None,
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, error: Exception) -> JSONResponse:
-        print(f"dllama-api: {request.method} {request.url.path} failed:\n{traceback.format_exc().rstrip()}",
-              file=sys.stderr, flush=True)
+        print(
+            f"dllama-api: {request.method} {request.url.path} failed:\n{traceback.format_exc().rstrip()}",
+            file=sys.stderr,
+            flush=True,
+        )
         return error_response(ApiError(500, f"internal error: {type(error).__name__}: {error}"))
 
     def authorize(request: Request) -> None:
@@ -87,7 +94,9 @@ def create_app(service: GenerationService, api_key: str | None = None,
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
         if not header:
-            raise ApiError(401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+            raise ApiError(
+                401, "missing API key: send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
+            )
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
             raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
@@ -104,8 +113,13 @@ def create_app(service: GenerationService, api_key: str | None = None,
         return JSONResponse(status, status_code=200 if status["model_loaded"] else 503)
 
     def model_object() -> dict[str, Any]:
-        return {"id": service.model_id, "object": "model", "created": service.created, "owned_by": "dllama-py",
-                "context_length": service.seq_len}
+        return {
+            "id": service.model_id,
+            "object": "model",
+            "created": service.created,
+            "owned_by": "dllama-py",
+            "context_length": service.seq_len,
+        }
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
@@ -116,16 +130,29 @@ def create_app(service: GenerationService, api_key: str | None = None,
     async def model(model_id: str, request: Request) -> dict[str, Any]:
         authorize(request)
         if model_id != service.model_id:
-            raise ApiError(404, f"model {model_id!r} not found; this server has {service.model_id!r}", "model",
-                           "model_not_found")
+            raise ApiError(
+                404,
+                f"model {model_id!r} not found; this server has {service.model_id!r}",
+                "model",
+                "model_not_found",
+            )
         return model_object()
 
     # ---- generation -------------------------------------------------------------------------
-    def make_job(body: SamplingRequest, prompt_ids: list[int], max_tokens: int,
-                 stop_ids: list[int] | None) -> Job:
+    def make_job(
+        body: SamplingRequest, prompt_ids: list[int], max_tokens: int, stop_ids: list[int] | None
+    ) -> Job:
         temperature, top_p, seed = service.sampling(body.temperature, body.top_p, body.seed)
-        return Job(prompt_ids, max_tokens, temperature, top_p, seed, [] if body.ignore_eos else stop_ids,
-                   body.stop_strings(), asyncio.get_running_loop())
+        return Job(
+            prompt_ids,
+            max_tokens,
+            temperature,
+            top_p,
+            seed,
+            [] if body.ignore_eos else stop_ids,
+            body.stop_strings(),
+            asyncio.get_running_loop(),
+        )
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
@@ -139,8 +166,11 @@ def create_app(service: GenerationService, api_key: str | None = None,
         ids = r.ResponseIds("chatcmpl", service.model_id)
         shape = _FirstSpace(service.tokenizer.kind == KIND_SENTENCEPIECE)
         if body.stream:
-            return StreamingResponse(_stream(job, _ChatChunks(ids, body.include_usage()), shape),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _stream(job, _ChatChunks(ids, body.include_usage()), shape),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         text, outcome = await _collect(job, request, shape)
         return JSONResponse(r.chat_completion(ids, text, outcome))
 
@@ -158,8 +188,11 @@ def create_app(service: GenerationService, api_key: str | None = None,
         if body.echo:
             echo = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt_ids)
         if body.stream:
-            return StreamingResponse(_stream(job, _TextChunks(ids, body.include_usage(), echo), lambda t: t),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
+            return StreamingResponse(
+                _stream(job, _TextChunks(ids, body.include_usage(), echo), lambda t: t),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
         text, outcome = await _collect(job, request, lambda t: t)
         return JSONResponse(r.text_completion(ids, echo + text, outcome))
 
@@ -167,6 +200,7 @@ def create_app(service: GenerationService, api_key: str | None = None,
 
 
 # ---- running a job --------------------------------------------------------------------------
+
 
 async def _watch_disconnect(request: Request, job: Job) -> None:
     """Cancel `job` when the client of a non-streaming request goes away."""
@@ -212,13 +246,17 @@ class _ChatChunks:
         self.ids, self.include_usage = ids, include_usage
 
     def opening(self) -> list[dict[str, Any]]:
-        return [r.chat_chunk(self.ids, {"role": "assistant", "content": ""}, include_usage=self.include_usage)]
+        return [
+            r.chat_chunk(self.ids, {"role": "assistant", "content": ""}, include_usage=self.include_usage)
+        ]
 
     def text(self, text: str) -> dict[str, Any]:
         return r.chat_chunk(self.ids, {"content": text}, include_usage=self.include_usage)
 
     def closing(self, outcome: Outcome) -> list[dict[str, Any]]:
-        last = r.chat_chunk(self.ids, {}, outcome.finish_reason, self.include_usage, x_dllama=outcome.timing())
+        last = r.chat_chunk(
+            self.ids, {}, outcome.finish_reason, self.include_usage, x_dllama=outcome.timing()
+        )
         return [last, r.chat_usage_chunk(self.ids, outcome)] if self.include_usage else [last]
 
 
@@ -233,7 +271,9 @@ class _TextChunks:
         return r.text_chunk(self.ids, text, include_usage=self.include_usage)
 
     def closing(self, outcome: Outcome) -> list[dict[str, Any]]:
-        last = r.text_chunk(self.ids, "", outcome.finish_reason, self.include_usage, x_dllama=outcome.timing())
+        last = r.text_chunk(
+            self.ids, "", outcome.finish_reason, self.include_usage, x_dllama=outcome.timing()
+        )
         return [last, r.text_usage_chunk(self.ids, outcome)] if self.include_usage else [last]
 
 

@@ -19,20 +19,33 @@ ERROR_TYPES = {
 class ApiError(Exception):
     """A request that ends with an HTTP error; `status` picks the type unless one is given."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 error_type: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
-        self.error_type = error_type or ERROR_TYPES.get(status, "invalid_request_error" if status < 500
-                                                         else "server_error")
+        self.error_type = error_type or ERROR_TYPES.get(
+            status, "invalid_request_error" if status < 500 else "server_error"
+        )
 
     def body(self) -> dict[str, Any]:
         """The JSON body OpenAI's clients parse."""
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param,
-                          "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> ApiError:

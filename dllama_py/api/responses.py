@@ -19,8 +19,11 @@ def sse(payload: dict[str, Any]) -> str:
 
 
 def usage(outcome: Outcome) -> dict[str, int]:
-    return {"prompt_tokens": outcome.prompt_tokens, "completion_tokens": outcome.completion_tokens,
-            "total_tokens": outcome.prompt_tokens + outcome.completion_tokens}
+    return {
+        "prompt_tokens": outcome.prompt_tokens,
+        "completion_tokens": outcome.completion_tokens,
+        "total_tokens": outcome.prompt_tokens + outcome.completion_tokens,
+    }
 
 
 @dataclass
@@ -41,17 +44,35 @@ class ResponseIds:
 
 # ---- chat -----------------------------------------------------------------------------------
 
+
 def chat_completion(ids: ResponseIds, text: str, outcome: Outcome) -> dict[str, Any]:
-    return {**ids.head("chat.completion"),
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, "refusal": None},
-                         "logprobs": None, "finish_reason": outcome.finish_reason}],
-            "usage": usage(outcome), "x_dllama": outcome.timing()}
+    return {
+        **ids.head("chat.completion"),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": outcome.finish_reason,
+            }
+        ],
+        "usage": usage(outcome),
+        "x_dllama": outcome.timing(),
+    }
 
 
-def chat_chunk(ids: ResponseIds, delta: dict[str, Any], finish_reason: str | None = None,
-               include_usage: bool = False, **extra: Any) -> dict[str, Any]:
-    chunk = {**ids.head("chat.completion.chunk"),
-             "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}], **extra}
+def chat_chunk(
+    ids: ResponseIds,
+    delta: dict[str, Any],
+    finish_reason: str | None = None,
+    include_usage: bool = False,
+    **extra: Any,
+) -> dict[str, Any]:
+    chunk = {
+        **ids.head("chat.completion.chunk"),
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        **extra,
+    }
     if include_usage:
         chunk["usage"] = None  # as OpenAI does: null on every chunk but the last
     return chunk
@@ -63,16 +84,24 @@ def chat_usage_chunk(ids: ResponseIds, outcome: Outcome) -> dict[str, Any]:
 
 # ---- completions ----------------------------------------------------------------------------
 
+
 def text_completion(ids: ResponseIds, text: str, outcome: Outcome) -> dict[str, Any]:
-    return {**ids.head("text_completion"),
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}],
-            "usage": usage(outcome), "x_dllama": outcome.timing()}
+    return {
+        **ids.head("text_completion"),
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": outcome.finish_reason}],
+        "usage": usage(outcome),
+        "x_dllama": outcome.timing(),
+    }
 
 
-def text_chunk(ids: ResponseIds, text: str, finish_reason: str | None = None, include_usage: bool = False,
-               **extra: Any) -> dict[str, Any]:
-    chunk = {**ids.head("text_completion"),
-             "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}], **extra}
+def text_chunk(
+    ids: ResponseIds, text: str, finish_reason: str | None = None, include_usage: bool = False, **extra: Any
+) -> dict[str, Any]:
+    chunk = {
+        **ids.head("text_completion"),
+        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        **extra,
+    }
     if include_usage:
         chunk["usage"] = None
     return chunk

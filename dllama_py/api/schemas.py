@@ -12,7 +12,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dllama_py.api.errors import ApiError, bad_request, unsupported
+from dllama_py.api.errors import bad_request, unsupported
 
 ROLES = ("system", "developer", "user", "assistant")
 MAX_STOP_SEQUENCES = 16
@@ -119,8 +119,10 @@ class ChatCompletionRequest(SamplingRequest):
             if message.role not in ROLES:
                 if message.role in ("tool", "function"):
                     raise unsupported(f"{where}.role", f"a {message.role!r} message (tool calling)")
-                raise bad_request(f"{where}.role: unknown role {message.role!r}; use one of {', '.join(ROLES)}",
-                                  f"{where}.role")
+                raise bad_request(
+                    f"{where}.role: unknown role {message.role!r}; use one of {', '.join(ROLES)}",
+                    f"{where}.role",
+                )
             if (message.model_extra or {}).get("tool_calls"):
                 raise unsupported(f"{where}.tool_calls", "tool calls")
             role = "system" if message.role == "developer" else message.role
@@ -140,7 +142,9 @@ def _message_text(message: ChatMessage, where: str) -> str:
         if part.type != "text":
             raise unsupported(f"{where}.content[{j}].type", f"content of type {part.type!r} (text only)")
         if part.text is None:
-            raise bad_request(f"{where}.content[{j}].text: a text part needs text", f"{where}.content[{j}].text")
+            raise bad_request(
+                f"{where}.content[{j}].text: a text part needs text", f"{where}.content[{j}].text"
+            )
         texts.append(part.text)
     return "\n".join(texts)
 
@@ -160,8 +164,11 @@ class CompletionRequest(SamplingRequest):
             raise unsupported("best_of", f"best_of={self.best_of}")
         if self.logprobs is not None:
             raise unsupported("logprobs", "logprobs")
-        if isinstance(self.prompt, list) and len(self.prompt) != 1 and not all(
-                isinstance(t, int) for t in self.prompt):
+        if (
+            isinstance(self.prompt, list)
+            and len(self.prompt) != 1
+            and not all(isinstance(t, int) for t in self.prompt)
+        ):
             raise unsupported("prompt", "several prompts in one request (send one request each)")
 
     def token_limit(self) -> int:

@@ -7,8 +7,14 @@ import os
 import sys
 from pathlib import Path
 
-from dllama_py.cli import (UserError, add_engine_arguments, check_vocab, load_tokenizer, log_stderr,
-                           make_engine)
+from dllama_py.cli import (
+    UserError,
+    add_engine_arguments,
+    check_vocab,
+    load_tokenizer,
+    log_stderr,
+    make_engine,
+)
 from dllama_py.engine import EngineError
 
 
@@ -16,31 +22,71 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dllama-api",
         description="Serve a distributed-llama model (.m + .t) over an OpenAI-compatible HTTP API "
-                    "(/v1/chat/completions, /v1/completions, /v1/models, /health) with a chat page at /.")
+        "(/v1/chat/completions, /v1/completions, /v1/models, /health) with a chat page at /.",
+    )
     add_engine_arguments(parser)
-    parser.add_argument("--chat-template", default=None,
-                        choices=("llama2", "llama3", "chatml", "deepseek3", "none"),
-                        help="template to use when the tokenizer has none (default: the tokenizer's own)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+    parser.add_argument(
+        "--chat-template",
+        default=None,
+        choices=("llama2", "llama3", "chatml", "deepseek3", "none"),
+        help="template to use when the tokenizer has none (default: the tokenizer's own)",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     parser.add_argument("--port", type=int, default=9990, help="TCP port to listen on (default 9990)")
-    parser.add_argument("--api-key", default=None, metavar="KEY",
-                        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $DLLAMA_API_KEY, "
-                             "or no key)")
-    parser.add_argument("--model-name", default=None, metavar="NAME",
-                        help="model id shown by /v1/models (default: the model file's name without .m)")
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="X",
-                        help="temperature for requests that give none; 0 is greedy (default 0.8)")
-    parser.add_argument("--topp", type=float, default=0.9, metavar="X",
-                        help="top_p for requests that give none (default 0.9)")
-    parser.add_argument("--seed", type=int, default=None, metavar="S",
-                        help="seed for requests that give none (default: a new one each request)")
-    parser.add_argument("--max-queued", type=int, default=16, metavar="N",
-                        help="requests that may wait while one generates; more get 429 (default 16)")
-    parser.add_argument("--reconnect-interval", type=float, default=3.0, metavar="SECONDS",
-                        help="after a failure, how often to try reloading the model on the workers (default 3)")
-    parser.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                        help="let web pages from ORIGIN call the API (repeatable; '*' for any)")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1/ routes (default: $DLLAMA_API_KEY, or no key)",
+    )
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="model id shown by /v1/models (default: the model file's name without .m)",
+    )
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.8,
+        metavar="X",
+        help="temperature for requests that give none; 0 is greedy (default 0.8)",
+    )
+    parser.add_argument(
+        "--topp", type=float, default=0.9, metavar="X", help="top_p for requests that give none (default 0.9)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seed for requests that give none (default: a new one each request)",
+    )
+    parser.add_argument(
+        "--max-queued",
+        type=int,
+        default=16,
+        metavar="N",
+        help="requests that may wait while one generates; more get 429 (default 16)",
+    )
+    parser.add_argument(
+        "--reconnect-interval",
+        type=float,
+        default=3.0,
+        metavar="SECONDS",
+        help="after a failure, how often to try reloading the model on the workers (default 3)",
+    )
+    parser.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let web pages from ORIGIN call the API (repeatable; '*' for any)",
+    )
     parser.add_argument("--access-log", action="store_true", help="log every HTTP request")
     # for tests: slow generation down so a test can act while a request is generating
     parser.add_argument("--debug-token-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
@@ -70,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
         from dllama_py.api.app import create_app
         from dllama_py.api.service import GenerationService
     except ImportError as error:
-        print(f"error: {error.name} is missing; install the API extras: pip install 'dllama-py[api]'",
-              file=sys.stderr)
+        print(
+            f"error: {error.name} is missing; install the API extras: pip install 'dllama-py[api]'",
+            file=sys.stderr,
+        )
         return 1
     if args.max_queued < 0:
         print(f"error: --max-queued must not be negative, got {args.max_queued}", file=sys.stderr)
@@ -79,12 +127,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         service = GenerationService(
-            tokenizer, model_engine_factory(args, tokenizer),
+            tokenizer,
+            model_engine_factory(args, tokenizer),
             model_id=args.model_name or Path(args.model).name.removesuffix(".m"),
-            chat_template=args.chat_template, nbatches=args.nbatches, max_queued=args.max_queued,
-            temperature=args.temperature, top_p=args.topp, seed=args.seed, workers=args.workers,
-            reconnect_interval_s=args.reconnect_interval, token_delay_s=args.debug_token_delay_ms / 1e3,
-            log=log_stderr)
+            chat_template=args.chat_template,
+            nbatches=args.nbatches,
+            max_queued=args.max_queued,
+            temperature=args.temperature,
+            top_p=args.topp,
+            seed=args.seed,
+            workers=args.workers,
+            reconnect_interval_s=args.reconnect_interval,
+            token_delay_s=args.debug_token_delay_ms / 1e3,
+            log=log_stderr,
+        )
     except (UserError, EngineError, ValueError, OSError, ConnectionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -96,10 +152,14 @@ def main(argv: list[str] | None = None) -> int:
         log_stderr(info.plan_text)
     for note in info.notes:
         log_stderr(f"note: {note}")
-    log_stderr(f"weights {info.weight_type}, buffer {info.buffer_type}, context {info.seq_len}, "
-               f"threads {info.threads}")
+    log_stderr(
+        f"weights {info.weight_type}, buffer {info.buffer_type}, context {info.seq_len}, "
+        f"threads {info.threads}"
+    )
     if service.chat_format is None:
-        log_stderr(f"warning: {service.chat_error}; /v1/chat/completions and the chat page will refuse requests")
+        log_stderr(
+            f"warning: {service.chat_error}; /v1/chat/completions and the chat page will refuse requests"
+        )
     api_key = args.api_key if args.api_key is not None else os.environ.get("DLLAMA_API_KEY") or None
     app = create_app(service, api_key=api_key, cors_origins=args.cors_origin)
     host_for_url = f"[{args.host}]" if ":" in args.host else args.host
@@ -108,11 +168,19 @@ def main(argv: list[str] | None = None) -> int:
         async def startup(self, sockets=None) -> None:
             await super().startup(sockets)
             if self.started:
-                log_stderr(f"dllama-api: serving {service.model_id} on {service.nodes} node(s) at "
-                           f"http://{host_for_url}:{args.port} (chat page /, API /v1)")
+                log_stderr(
+                    f"dllama-api: serving {service.model_id} on {service.nodes} node(s) at "
+                    f"http://{host_for_url}:{args.port} (chat page /, API /v1)"
+                )
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=args.access_log,
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level="info",
+        access_log=args.access_log,
+        timeout_graceful_shutdown=5,
+    )
     try:
         Server(config).run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C / SIGINT after its graceful shutdown

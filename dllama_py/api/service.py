@@ -22,6 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from jinja2 import TemplateError
+
 from dllama_py.api.errors import ApiError
 from dllama_py.chat_session import ChatFormat
 from dllama_py.engine import Engine, EngineError
@@ -45,11 +47,14 @@ class Outcome:
     def timing(self) -> dict[str, Any]:
         """The non-standard `x_dllama` object of a response."""
         seconds = self.generation_ms / 1e3
-        return {"prompt_tokens_evaluated": self.prompt_tokens_evaluated,
-                "prompt_tokens_cached": self.prompt_tokens - self.prompt_tokens_evaluated,
-                "queue_ms": round(self.queue_ms, 3), "prompt_ms": round(self.prompt_ms, 3),
-                "generation_ms": round(self.generation_ms, 3),
-                "tokens_per_second": round(self.completion_tokens / seconds, 3) if seconds > 0 else None}
+        return {
+            "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
+            "prompt_tokens_cached": self.prompt_tokens - self.prompt_tokens_evaluated,
+            "queue_ms": round(self.queue_ms, 3),
+            "prompt_ms": round(self.prompt_ms, 3),
+            "generation_ms": round(self.generation_ms, 3),
+            "tokens_per_second": round(self.completion_tokens / seconds, 3) if seconds > 0 else None,
+        }
 
 
 @dataclass
@@ -88,11 +93,23 @@ class GenerationService:
     (errors propagate) and again after a failure, in the background, until it succeeds.
     """
 
-    def __init__(self, tokenizer: Tokenizer, engine_factory: Callable[[], Engine], *, model_id: str,
-                 chat_template: str | None = None, nbatches: int | None = None, max_queued: int = 16,
-                 temperature: float = 0.8, top_p: float = 0.9, seed: int | None = None,
-                 workers: Sequence[str] = (), reconnect_interval_s: float = 3.0, token_delay_s: float = 0.0,
-                 log: Callable[[str], None] = print) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        engine_factory: Callable[[], Engine],
+        *,
+        model_id: str,
+        chat_template: str | None = None,
+        nbatches: int | None = None,
+        max_queued: int = 16,
+        temperature: float = 0.8,
+        top_p: float = 0.9,
+        seed: int | None = None,
+        workers: Sequence[str] = (),
+        reconnect_interval_s: float = 3.0,
+        token_delay_s: float = 0.0,
+        log: Callable[[str], None] = print,
+    ) -> None:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.created = int(time.time())
@@ -140,11 +157,13 @@ class GenerationService:
         with self._lock:
             engine, self.engine, self.generator = self.engine, None, None
             self.last_error = str(error)
-        self.log(f"dllama-api: the model failed: {error}; reconnecting every {self._reconnect_interval_s:g} s")
+        self.log(
+            f"dllama-api: the model failed: {error}; reconnecting every {self._reconnect_interval_s:g} s"
+        )
         if engine is not None:
             try:
                 engine.close()
-            except Exception as close_error:  # a broken cluster may fail to close cleanly too
+            except Exception as close_error:  # noqa: BLE001 - a broken cluster may fail to close cleanly too
                 self.log(f"dllama-api: closing the failed engine: {close_error}")
         self._reconnecting = threading.Thread(target=self._reconnect, name="dllama-reconnect", daemon=True)
         self._reconnecting.start()
@@ -154,7 +173,7 @@ class GenerationService:
             self.reconnect_attempts += 1
             try:
                 engine = self._engine_factory()
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - whatever stops the load, try again later
                 self.last_error = f"reconnecting (attempt {self.reconnect_attempts}): {error}"
                 self.log(f"dllama-api: {self.last_error}; retrying in {self._reconnect_interval_s:g} s")
                 self._closing.wait(self._reconnect_interval_s)
@@ -169,19 +188,31 @@ class GenerationService:
 
     # ---- requests ---------------------------------------------------------------------------
     def unavailable_error(self) -> ApiError:
-        return ApiError(503, f"the model is unavailable: {self.last_error or 'starting'}; retry shortly",
-                        code="model_unavailable")
+        return ApiError(
+            503,
+            f"the model is unavailable: {self.last_error or 'starting'}; retry shortly",
+            code="model_unavailable",
+        )
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Prompt ids of a conversation, ending with the assistant's turn."""
         if self.chat_format is None:
-            raise ApiError(400, f"chat is not available: {self.chat_error}; use /v1/completions or restart "
-                                "dllama-api with --chat-template", "messages", "no_chat_template")
+            raise ApiError(
+                400,
+                f"chat is not available: {self.chat_error}; use /v1/completions or restart "
+                "dllama-api with --chat-template",
+                "messages",
+                "no_chat_template",
+            )
         try:
             return self.chat_format.encode(messages)
-        except Exception as error:  # the template itself may refuse a conversation (raise_exception)
-            raise ApiError(400, f"messages: the chat template refused this conversation: {error}",
-                           "messages") from None
+        except (
+            TemplateError,
+            ValueError,
+        ) as error:  # the template may refuse a conversation (raise_exception)
+            raise ApiError(
+                400, f"messages: the chat template refused this conversation: {error}", "messages"
+            ) from None
 
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Prompt ids of a completion prompt: text (with BOS if the tokenizer asks) or token ids."""
@@ -198,9 +229,13 @@ class GenerationService:
         if not ids:
             raise ApiError(400, f"{param}: the prompt is empty", param)
         if len(ids) >= self.seq_len:
-            raise ApiError(400, f"{param}: the prompt has {len(ids)} tokens but the context holds {self.seq_len}; "
-                                "shorten it, or restart dllama-api with a larger --max-seq-len if the model allows",
-                           param, "context_length_exceeded")
+            raise ApiError(
+                400,
+                f"{param}: the prompt has {len(ids)} tokens but the context holds {self.seq_len}; "
+                "shorten it, or restart dllama-api with a larger --max-seq-len if the model allows",
+                param,
+                "context_length_exceeded",
+            )
 
     def submit(self, job: Job) -> None:
         """Queue a job; raises a 503 ApiError while the model is unavailable, a 429 when the queue is full."""
@@ -211,10 +246,13 @@ class GenerationService:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            raise ApiError(429, f"{self.max_queued} requests are already waiting; retry later",
-                           code="queue_full") from None
+            raise ApiError(
+                429, f"{self.max_queued} requests are already waiting; retry later", code="queue_full"
+            ) from None
 
-    def sampling(self, temperature: float | None, top_p: float | None, seed: int | None) -> tuple[float, float, int | None]:
+    def sampling(
+        self, temperature: float | None, top_p: float | None, seed: int | None
+    ) -> tuple[float, float, int | None]:
         """A request's sampling settings, the server's defaults where it gives none."""
         temperature = self.defaults["temperature"] if temperature is None else temperature
         top_p = self.defaults["top_p"] if top_p is None else top_p
@@ -256,21 +294,31 @@ class GenerationService:
                 job.cancelled.wait(delay)
 
         try:
-            result = generator.generate(job.prompt_ids, job.max_tokens, Sampler(job.temperature, job.top_p, job.seed),
-                                        stop_ids=job.stop_ids, stop_strings=job.stop_strings, on_token=on_token,
-                                        should_stop=job.cancelled.is_set)
+            result = generator.generate(
+                job.prompt_ids,
+                job.max_tokens,
+                Sampler(job.temperature, job.top_p, job.seed),
+                stop_ids=job.stop_ids,
+                stop_strings=job.stop_strings,
+                on_token=on_token,
+                should_stop=job.cancelled.is_set,
+            )
         except ContextFullError as error:
             job.emit("error", ApiError(400, str(error), None, "context_length_exceeded"))
             self.counters["failed"] += 1
             return
-        except Exception as error:
+        except Exception as error:  # noqa: BLE001
             # A broken engine (a worker died, a socket failed) or a bug: either way its state is
             # unknown, so it is rebuilt; the client gets the reason, the log the traceback.
             if not isinstance(error, EngineError):  # an engine's message says all; anything else is a bug
                 self.log(f"dllama-api: generation failed:\n{traceback.format_exc().rstrip()}")
             self.counters["failed"] += 1
-            job.emit("error", ApiError(503, f"generation failed: {error}; the model is being reloaded",
-                                       code="generation_failed"))
+            job.emit(
+                "error",
+                ApiError(
+                    503, f"generation failed: {error}; the model is being reloaded", code="generation_failed"
+                ),
+            )
             self._engine_failed(error)
             return
         if job.cancelled.is_set():
@@ -279,9 +327,18 @@ class GenerationService:
             return
         self.counters["served"] += 1
         prompt_ms = sum(s.compute_ms + s.sync_ms for s in result.prompt_steps)
-        job.emit("done", Outcome(result.finish_reason, len(job.prompt_ids), len(result.generated_ids),
-                                 result.prompt_tokens_evaluated, (started - job.submitted) * 1e3, prompt_ms,
-                                 (time.perf_counter() - started) * 1e3 - prompt_ms))
+        job.emit(
+            "done",
+            Outcome(
+                result.finish_reason,
+                len(job.prompt_ids),
+                len(result.generated_ids),
+                result.prompt_tokens_evaluated,
+                (started - job.submitted) * 1e3,
+                prompt_ms,
+                (time.perf_counter() - started) * 1e3 - prompt_ms,
+            ),
+        )
 
     # ---- status -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
@@ -296,8 +353,11 @@ class GenerationService:
             "context": self.seq_len,
             "error": None if available else self.last_error,
             "reconnect_attempts": self.reconnect_attempts,
-            "queue": {"running": self._running is not None, "waiting": self._queue.qsize(),
-                      "max_waiting": self.max_queued},
+            "queue": {
+                "running": self._running is not None,
+                "waiting": self._queue.qsize(),
+                "max_waiting": self.max_queued,
+            },
             "requests": dict(self.counters),
         }
 
