@@ -87,7 +87,7 @@ def run_matmul(case: MatmulCase, weight_type: str) -> np.ndarray:
 
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("nthreads", THREADS)
-@pytest.mark.parametrize("batch", (1, 7))
+@pytest.mark.parametrize("batch", (1, 7, 33))  # 33: the batch-lanes kernel, with a padded group
 @pytest.mark.parametrize("weight_type", WEIGHT_TYPES)
 def test_matmul_equals_the_float64_product_of_the_dequantized_operands(
     isa: str, nthreads: int, batch: int, weight_type: str
