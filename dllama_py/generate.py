@@ -132,12 +132,24 @@ class Generator:
                 on_step(stats)
         return steps
 
-    def next_token(self, sampler: Sampler) -> int:
+    def sampling_need(self, sampler: Sampler) -> str:
+        """What the engine must keep of the logits for this sampler (see Engine.step)."""
+        if hasattr(self.engine, "configure_sampling"):  # a cluster reduces logits at the nodes
+            self.engine.configure_sampling(sampler.temperature or 1.0, self.sample_vocab)
+        if sampler.greedy:
+            return "argmax"
+        if sampler.nucleus and hasattr(self.engine, "sample"):
+            return "sample"
+        return "full"
+
+    def next_token(self, sampler: Sampler, need: str = "full") -> int:
         """Sample the token that follows the last evaluated one."""
         if sampler.greedy:
             token = self.engine.argmax()
             if token < self.sample_vocab:
                 return token
+        if need == "sample":
+            return self.engine.sample(sampler)
         logits = self.engine.logits()
         return sampler.sample(logits[: self.sample_vocab])
 
@@ -160,7 +172,7 @@ class Generator:
         """
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         result = GenerationResult(list(prompt_ids))
-        need = "argmax" if sampler.greedy else "full"
+        need = self.sampling_need(sampler)
         result.prompt_steps = self.evaluate(prompt_ids, on_prompt_step, need)
         result.prompt_tokens_evaluated = sum(s.tokens for s in result.prompt_steps)
         decoder = self.tokenizer.stream_decoder()
@@ -171,7 +183,7 @@ class Generator:
             if should_stop and should_stop():
                 result.finish_reason = "stop"
                 break
-            token = self.next_token(sampler)
+            token = self.next_token(sampler, need)
             if token in stops:
                 result.finish_reason = "stop"
                 break

@@ -54,35 +54,53 @@ class Sampler:
         """A float in [0, 1) with 24 random bits."""
         return (self.random_u32() >> 8) / 16777216.0
 
+    @property
+    def nucleus(self) -> bool:
+        """Whether sampling keeps only the top-p nucleus (else it draws from every token)."""
+        return 0.0 < self.topp < 1.0
+
     def sample(self, logits: np.ndarray) -> int:
         """The next token id for `logits` (1-D float32; not modified)."""
         if self.greedy:
             return int(np.argmax(logits))
-        probs = logits.astype(np.float64) / self.temperature
-        probs = np.exp(probs - probs.max())
+        return self.sample_with_coin(logits, self.random_f32())
+
+    def sample_with_coin(self, logits: np.ndarray, coin: float) -> int:
+        """Temperature sampling of `logits` with an already drawn coin."""
+        scaled = logits.astype(np.float64) / self.temperature
+        probs = np.exp(scaled - scaled.max())
         probs /= probs.sum()
-        coin = self.random_f32()
-        if self.topp <= 0 or self.topp >= 1:
+        if not self.nucleus:
             return _multinomial(probs, coin)
-        return _top_p(probs, self.topp, coin)
+        choice = self.choose(np.arange(len(probs)), probs, coin, len(probs), complete=True)
+        assert choice is not None
+        return choice
+
+    def choose(self, ids: np.ndarray, probs: np.ndarray, coin: float, vocab_size: int, complete: bool,
+               unsent_bound: float = 0.0) -> int | None:
+        """Nucleus sampling with `coin` among candidate tokens `ids` whose probabilities under the
+        full distribution are `probs`. `complete` says the candidates hold every token at or above
+        llama2.c's cutoff (1 - p) / (n - 1); otherwise no token outside them is more likely than
+        `unsent_bound`. Returns None when the exact choice could involve a token outside them."""
+        cutoff = (1.0 - self.topp) / (vocab_size - 1) if vocab_size > 1 else 0.0
+        keep = probs >= cutoff
+        ids, probs = ids[keep], probs[keep]
+        order = np.lexsort((ids, -probs))  # by probability, then id
+        ids, probs = ids[order], probs[order]
+        cumulative = np.cumsum(probs)
+        last = int(np.searchsorted(cumulative, self.topp, side="right"))
+        if last >= len(ids):  # the mass never passed topp: every kept token is in the nucleus
+            if not complete:
+                return None
+            last = len(ids) - 1
+        elif not complete and not probs[last] > unsent_bound:
+            return None  # an unseen token could rank inside the nucleus
+        kept = cumulative[: last + 1]
+        pick = int(np.searchsorted(kept, coin * kept[-1], side="right"))
+        return int(ids[min(pick, last)])
 
 
 def _multinomial(probs: np.ndarray, coin: float) -> int:
     cdf = np.cumsum(probs)
     index = int(np.searchsorted(cdf, coin, side="right"))
     return min(index, len(probs) - 1)
-
-
-def _top_p(probs: np.ndarray, topp: float, coin: float) -> int:
-    """Nucleus sampling: the smallest set of most likely tokens whose mass exceeds topp."""
-    n = len(probs)
-    cutoff = (1.0 - topp) / (n - 1) if n > 1 else 0.0
-    candidates = np.nonzero(probs >= cutoff)[0]
-    order = candidates[np.lexsort((candidates, -probs[candidates]))]  # by probability, then id
-    cumulative = np.cumsum(probs[order])
-    last = int(np.searchsorted(cumulative, topp, side="right"))
-    last = min(last, len(order) - 1)
-    kept = cumulative[: last + 1]
-    r = coin * kept[-1]
-    pick = int(np.searchsorted(kept, r, side="right"))
-    return int(order[min(pick, last)])

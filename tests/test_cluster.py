@@ -320,3 +320,23 @@ def test_demo_runs_two_nodes_and_cleans_up():
     assert "node 1 (worker 127.0.0.1:" in out.stderr and "tokens/s" in out.stderr
     folder = [line for line in out.stderr.splitlines() if "writing a random" in line][0].split(" to ")[-1]
     assert not Path(folder).exists()
+
+
+@pytest.mark.parametrize("nodes", [2, 3])
+@pytest.mark.parametrize("topp", [0.9, 0.5, 1.0])
+def test_temperature_sampling_on_a_cluster_picks_the_same_tokens_as_one_node(stories, workers, nodes, topp):
+    model, tok = stories
+    tokenizer = Tokenizer.load(tok)
+    prompt = tokenizer.encode("Once upon a time")
+    texts = []
+    for n in (1, nodes):
+        engine = make_engine(model, workers, n)
+        try:
+            result = Generator(engine, tokenizer).generate(prompt, 48, Sampler(0.8, topp, seed=7), stop_ids=[])
+        finally:
+            engine.close()
+        texts.append(result.generated_ids)
+        if n > 1 and topp < 1.0:
+            # the nucleus usually lies in the nodes' top tokens: only then no full logits travel
+            assert engine.topk_hits > engine.topk_misses
+    assert texts[0] == texts[1]

@@ -12,7 +12,9 @@ Setup (root R, worker W, then worker i -> worker j for every i < j):
     i -> j  MESH_HELLO    session id, i, HMAC(secret, "mesh" | session | i)
     W -> R  READY | ERROR
 then the root ships each worker its weight slices, one message per tensor, and drives steps:
-    R -> W  STEP  (flags, batch, position, x)      W -> R  logits reply per the step's mode
+    R -> W  STEP  (flags, mode, batch, position, temperature, vocab limit, x)
+    W -> R  its part of the logits as the mode asks (cluster/logits.py), by gather
+    R -> W  LOGITS (the whole slice of the last step, when top tokens were not enough)
     R -> W  END
 With no secret the HMACs are of the empty key: the handshake still checks magic and version.
 The traffic is authenticated, not encrypted.
@@ -35,7 +37,8 @@ VERSION = 1
 HEADER = struct.Struct("<4sHB")  # magic, version, type
 MAX_SETUP_BYTES = 1 << 20  # a handshake or setup message never needs more
 NONCE_BYTES = 16
-STEP = struct.Struct("<BBHI")  # flags, logits mode, batch rows, first position
+STEP = struct.Struct("<BBHIfI")  # flags, logits mode, batch rows, first position, temperature, vocab limit
+STEP_ALL_LOGITS = 1  # flag: keep the logits of every row, not only the last
 
 
 class ProtocolError(ConnectionError):
@@ -52,6 +55,7 @@ class MsgType(IntEnum):
     ERROR = 7
     STEP = 8
     END = 9
+    LOGITS = 10  # send the whole logits slice of the last step
 
 
 class Welcome(IntEnum):
@@ -66,6 +70,7 @@ class LogitsMode(IntEnum):
     NONE = 0  # nothing (a prompt batch whose logits nobody needs)
     ARGMAX = 1  # (max value f32, index i32) of its classifier slice for the last row
     FULL = 2  # its whole classifier slice, f32, for the rows the step asked for
+    TOPK = 3  # its most likely tokens and softmax normaliser (see cluster/logits.py)
 
 
 def pack(kind: MsgType, body: bytes = b"") -> bytes:

@@ -17,11 +17,12 @@ import numpy as np
 from dllama_py import _core, kernels
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.sync import MeshSync
-from dllama_py.cluster.worker import ARGMAX, argmax_layout, logits_layout
+from dllama_py.cluster import logits as L
 from dllama_py.engine import (BUFFER_TYPES, EngineError, EngineInfo, StepStats, choose_seq_len,
                               default_buffer_type, load_node_weights, open_model)
 from dllama_py.forward import NodeForward
 from dllama_py.plan import Plan, PlanError, cut_tensor
+from dllama_py.sampler import Sampler
 
 CONNECT_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_MS = 8000  # a silent worker is declared dead after this long
@@ -66,7 +67,12 @@ class ClusterEngine:
         self.x = np.zeros((max_batch, c.dim), dtype=np.float32)
         self._last: np.ndarray | None = None
         self._argmax: int | None = None
-        self._logits_buf = np.zeros(sum(logits_layout(self.plan, max_batch)[1]), dtype=np.uint8)
+        self._candidates: L.Candidates | None = None
+        self._local = np.zeros((1, self.plan.nodes[0].vocab_width), dtype=np.float32)
+        self._temperature, self._vocab_limit = 1.0, c.vocab_size
+        self.topk_hits = self.topk_misses = 0  # samples taken from top tokens / from every logit
+        self._logits_buf = np.zeros(max(sum(L.full_layout(self.plan, max_batch)[1]),
+                                        sum(L.topk_layout(self.plan.n_nodes)[1])), dtype=np.uint8)
         self.info = EngineInfo(self.plan.n_nodes, self.plan.describe(self.seq_len, self.addresses),
                                c.weight_float_type.label, self.buffer_type, self.seq_len,
                                kernels.get_num_threads(), [note] if note else [])
@@ -155,26 +161,33 @@ class ClusterEngine:
                      f"({total / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
 
     # ---- steps ----------------------------------------------------------------------------
+    def configure_sampling(self, temperature: float, vocab_limit: int) -> None:
+        """Settings for steps with need='sample': scale logits by 1/temperature and ignore ids at
+        or above vocab_limit (ids the tokenizer does not have)."""
+        self._temperature, self._vocab_limit = float(temperature), int(vocab_limit)
+
     def step(self, tokens: list[int], start_pos: int, all_logits: bool = False, need: str = "full") -> StepStats:
         """Evaluate `tokens` on every node; `need` says what the next call reads: 'argmax',
-        'full' (logits) or 'none', so workers send only that."""
+        'full' (logits), 'sample' (`sample()`) or 'none', so workers send only that."""
         start = time.perf_counter()
         sent0, received0, sync0 = self.mesh.bytes_sent, self.mesh.bytes_received, self.sync.seconds
         B = len(tokens)
         if not 0 < B <= self.max_batch:
             raise EngineError(f"a step takes 1 to {self.max_batch} tokens, got {B}")
-        mode = p.LogitsMode.FULL if all_logits else {"argmax": p.LogitsMode.ARGMAX, "none": p.LogitsMode.NONE}.get(
-            need, p.LogitsMode.FULL)
+        modes = {"argmax": p.LogitsMode.ARGMAX, "none": p.LogitsMode.NONE, "sample": p.LogitsMode.TOPK}
+        mode = p.LogitsMode.FULL if all_logits else modes.get(need, p.LogitsMode.FULL)
         x = self.x[:B]
         kernels.embedding(self.embedding, np.asarray(tokens, dtype=np.int32), x)
-        message = p.pack(p.MsgType.STEP, p.STEP.pack(1 if all_logits else 0, int(mode), B, start_pos) + x.tobytes())
+        flags = p.STEP_ALL_LOGITS if all_logits else 0
+        header = p.STEP.pack(flags, int(mode), B, start_pos, self._temperature, self._vocab_limit)
+        message = p.pack(p.MsgType.STEP, header + x.tobytes())
         positions = np.arange(start_pos, start_pos + B, dtype=np.int32)
         try:
             for node in range(1, self.plan.n_nodes):
                 self.mesh.send_message(node, message, f"sending step at position {start_pos}")
-            local = self.forward.forward(x, positions, all_logits)
+            self._local = self.forward.forward(x, positions, all_logits)
             gather_start = time.perf_counter()
-            self._collect(local, mode)
+            self._collect(mode)
             gather_s = time.perf_counter() - gather_start
         except ConnectionError as error:
             raise EngineError(f"the cluster failed: {error}") from None
@@ -183,27 +196,56 @@ class ClusterEngine:
         return StepStats(B, (elapsed - sync_s) * 1e3, sync_s * 1e3,
                          self.mesh.bytes_sent - sent0, self.mesh.bytes_received - received0)
 
-    def _collect(self, local: np.ndarray, mode: p.LogitsMode) -> None:
-        s0 = self.plan.nodes[0]
-        self._last, self._argmax = None, None
+    def _gather(self, offsets: list[int], sizes: list[int], mine: bytes, label: str) -> np.ndarray:
+        buf = self._logits_buf[: offsets[-1] + sizes[-1]]
+        buf[: sizes[0]] = np.frombuffer(mine, dtype=np.uint8)
+        self.mesh.gather(0, buf, offsets, sizes, label)
+        return buf
+
+    def _collect(self, mode: p.LogitsMode) -> None:
+        s0, local = self.plan.nodes[0], self._local
+        self._last, self._argmax, self._candidates = None, None, None
         if mode == p.LogitsMode.ARGMAX:
-            offsets, sizes = argmax_layout(self.plan.n_nodes)
-            buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
-            best = int(np.argmax(local[-1]))
-            buf[: ARGMAX.size] = np.frombuffer(ARGMAX.pack(float(local[-1, best]), s0.vocab_start + best), np.uint8)
-            self.mesh.gather(0, buf, offsets, sizes, "collecting the best token")
-            candidates = [ARGMAX.unpack_from(buf, o) for o in offsets]
-            # the first node with the highest value: slices are in vocabulary order, so ties go to the lowest id
-            value, index = max(candidates, key=lambda vi: vi[0])
-            self._argmax = next(i for v, i in candidates if v == value)
+            offsets, sizes = L.argmax_layout(self.plan.n_nodes)
+            mine = L.encode_argmax(local[-1], s0.vocab_start, self._vocab_limit)
+            buf = self._gather(offsets, sizes, mine, "collecting the best token")
+            self._argmax = L.best_of(buf, offsets)
+        elif mode == p.LogitsMode.TOPK:
+            offsets, sizes = L.topk_layout(self.plan.n_nodes)
+            mine = L.encode_topk(local[-1], s0.vocab_start, self._vocab_limit, self._temperature)
+            self._candidates = L.Candidates(self._gather(offsets, sizes, mine, "collecting top tokens"), offsets)
         elif mode == p.LogitsMode.FULL:
-            rows = local.shape[0]
-            offsets, sizes = logits_layout(self.plan, rows)
-            buf = self._logits_buf[: offsets[-1] + sizes[-1]]
-            buf[: sizes[0]] = local.reshape(-1).view(np.uint8)
-            self.mesh.gather(0, buf, offsets, sizes, "collecting logits")
-            parts = [buf[o:o + n].view(np.float32).reshape(rows, -1) for o, n in zip(offsets, sizes)]
-            self._last = np.concatenate(parts, axis=1)
+            self._gather_full()
+
+    def _gather_full(self) -> None:
+        rows = self._local.shape[0]
+        offsets, sizes = L.full_layout(self.plan, rows)
+        buf = self._gather(offsets, sizes, self._local.tobytes(), "collecting logits")
+        parts = [buf[o:o + n].view(np.float32).reshape(rows, -1) for o, n in zip(offsets, sizes)]
+        self._last = np.concatenate(parts, axis=1)
+
+    def sample(self, sampler: Sampler) -> int:
+        """Sample the next token after a step with need='sample': from the nodes' top tokens when
+        they hold the whole nucleus, else from every logit (fetched for this step only)."""
+        coin = sampler.random_f32()
+        c = self._candidates
+        if c is not None and sampler.nucleus:
+            cutoff = (1.0 - sampler.topp) / (self._vocab_limit - 1) if self._vocab_limit > 1 else 0.0
+            complete = c.every_token_sent or c.unsent_bound < cutoff
+            choice = sampler.choose(c.ids, c.probs, coin, self._vocab_limit, complete, c.unsent_bound)
+            if choice is not None:
+                self.topk_hits += 1
+                return choice
+        if self._last is None:
+            try:
+                for node in range(1, self.plan.n_nodes):
+                    self.mesh.send_message(node, p.pack(p.MsgType.LOGITS), "asking for logits")
+                self._gather_full()
+            except ConnectionError as error:
+                raise EngineError(f"the cluster failed: {error}") from None
+        self.topk_misses += 1
+        logits = self._last[-1][: self._vocab_limit]
+        return sampler.sample_with_coin(logits, coin)
 
     def logits(self) -> np.ndarray:
         if self._last is None:

@@ -8,7 +8,6 @@ protocol, a wrong version or a wrong secret are refused with a logged line.
 from __future__ import annotations
 
 import gc
-import select
 import socket
 import struct
 import sys
@@ -17,6 +16,7 @@ import time
 import numpy as np
 
 from dllama_py import _core, kernels
+from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.sync import MeshSync
 from dllama_py.config import ModelConfig
@@ -25,7 +25,6 @@ from dllama_py.formats.model_file import tensor_specs
 from dllama_py.plan import Plan
 
 HANDSHAKE_TIMEOUT_S = 10.0
-ARGMAX = struct.Struct("<fi")
 
 
 def log(message: str) -> None:
@@ -111,8 +110,7 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     fds = [-1] * plan.n_nodes
     names = list(setup.addresses)
     names[0] = f"root {conn.getpeername()[0]}"
-    root_fd = conn.detach()
-    fds[0] = root_fd
+    fds[0] = conn.detach()
     for j, sock in peers.items():
         fds[j] = sock.detach()
     mesh = _core.Mesh(me, plan.n_nodes, fds, names, setup.timeout_ms)
@@ -125,57 +123,58 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
             f"(node {me} of {plan.n_nodes})")
         sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
         forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage)
-        follow_root(mesh, root_fd, plan, me, forward, setup)
+        follow_root(mesh, plan, me, forward, setup)
     finally:
         mesh.close()
         if forward is not None:
             forward.close()
 
 
-def follow_root(mesh: _core.Mesh, root_fd: int, plan: Plan, me: int, forward: NodeForward, setup: p.Setup) -> None:
+def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, setup: p.Setup) -> None:
     """Run the root's steps until END; returns when the root ends the session."""
     dim = plan.config.dim
     x_buf = np.zeros((setup.max_batch, dim), dtype=np.float32)
     max_step = p.HEADER.size + p.STEP.size + setup.max_batch * dim * 4
     s = plan.nodes[me]
+    last = np.zeros((1, s.vocab_width), dtype=np.float32)
     while True:
-        while not select.select([root_fd], [], [], 5.0)[0]:
+        while not mesh.wait_readable(0, 5000):
             pass  # an idle root is not a dead one; a dead one makes the socket readable (EOF)
-        kind, body = p.unpack(mesh.recv_message(0, max_step, "waiting for the next step"), (p.MsgType.STEP, p.MsgType.END))
+        kind, body = p.unpack(mesh.recv_message(0, max_step, "waiting for the next step"),
+                              (p.MsgType.STEP, p.MsgType.LOGITS, p.MsgType.END))
         if kind == p.MsgType.END:
             return
-        flags, mode, batch, pos0 = p.STEP.unpack_from(body)
+        if kind == p.MsgType.LOGITS:  # the root wants the whole slice of the last step after all
+            reply(mesh, plan, me, p.LogitsMode.FULL, last, 0.0, 0)
+            continue
+        flags, mode, batch, pos0, temperature, vocab_limit = p.STEP.unpack_from(body)
         if not 0 < batch <= setup.max_batch or len(body) != p.STEP.size + batch * dim * 4:
             raise p.ProtocolError(f"malformed step (batch {batch})")
         x = x_buf[:batch]
         x.reshape(-1)[:] = np.frombuffer(body, dtype=np.float32, offset=p.STEP.size)
         positions = np.arange(pos0, pos0 + batch, dtype=np.int32)
-        logits = forward.forward(x, positions, all_logits=bool(flags & 1))
-        if mode == p.LogitsMode.ARGMAX:
-            row = logits[-1]
-            best = int(np.argmax(row))
-            reply = np.frombuffer(ARGMAX.pack(float(row[best]), s.vocab_start + best), dtype=np.uint8).copy()
-            offsets, sizes = argmax_layout(plan.n_nodes)
-            buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
-            buf[offsets[me]:offsets[me] + sizes[me]] = reply
-            mesh.gather(0, buf, offsets, sizes, "sending the best token")
-        elif mode == p.LogitsMode.FULL:
-            offsets, sizes = logits_layout(plan, logits.shape[0])
-            buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
-            buf[offsets[me]:offsets[me] + sizes[me]] = logits.reshape(-1).view(np.uint8)
-            mesh.gather(0, buf, offsets, sizes, "sending logits")
+        last = forward.forward(x, positions, all_logits=bool(flags & p.STEP_ALL_LOGITS))
+        reply(mesh, plan, me, p.LogitsMode(mode), last, temperature, vocab_limit)
 
 
-def argmax_layout(n_nodes: int) -> tuple[list[int], list[int]]:
-    """Gather layout of the ARGMAX replies: 8 bytes per node."""
-    return [i * ARGMAX.size for i in range(n_nodes)], [ARGMAX.size] * n_nodes
-
-
-def logits_layout(plan: Plan, rows: int) -> tuple[list[int], list[int]]:
-    """Gather layout of FULL replies: each node's classifier slice for `rows` rows, f32, in node order."""
-    sizes = [rows * s.vocab_width * 4 for s in plan.nodes]
-    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    return offsets, sizes
+def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.ndarray, temperature: float,
+          vocab_limit: int) -> None:
+    """Send this node's part of the logits to the root, as the step's mode asks."""
+    s = plan.nodes[me]
+    if mode == p.LogitsMode.NONE:
+        return
+    if mode == p.LogitsMode.ARGMAX:
+        offsets, sizes = L.argmax_layout(plan.n_nodes)
+        mine, label = L.encode_argmax(logits[-1], s.vocab_start, vocab_limit), "sending the best token"
+    elif mode == p.LogitsMode.TOPK:
+        offsets, sizes = L.topk_layout(plan.n_nodes)
+        mine, label = L.encode_topk(logits[-1], s.vocab_start, vocab_limit, temperature), "sending top tokens"
+    else:
+        offsets, sizes = L.full_layout(plan, logits.shape[0])
+        mine, label = logits.tobytes(), "sending logits"
+    buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
+    buf[offsets[me]:offsets[me] + sizes[me]] = np.frombuffer(mine, dtype=np.uint8)
+    mesh.gather(0, buf, offsets, sizes, label)
 
 
 def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False) -> int:
