@@ -7,6 +7,18 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__aarch64__) && defined(__linux__)
+#include <sys/auxv.h>
+#ifndef HWCAP_FPHP
+#define HWCAP_FPHP (1 << 9)
+#endif
+#ifndef HWCAP_ASIMDHP
+#define HWCAP_ASIMDHP (1 << 10)
+#endif
+#ifndef HWCAP_ASIMDDP
+#define HWCAP_ASIMDDP (1 << 20)
+#endif
+#endif
 
 namespace dllama {
 
@@ -34,6 +46,23 @@ bool os_saves_zmm(bool want_avx512) {
 }
 #endif
 
+#if defined(__aarch64__)
+// The NEON path is compiled with -march=armv8.2-a+dotprod+fp16: it needs the dot product
+// instructions (asimddp) and may use half-precision ones (fphp, asimdhp). ARMv8.0 cores such as
+// the Raspberry Pi 3/4's Cortex-A53/A72 lack them and run the scalar path instead.
+bool arm_has_dotprod_fp16() {
+#if defined(__APPLE__)
+    return true;  // every arm64 Mac (Apple M1 and later) has both
+#elif defined(__linux__)
+    const unsigned long hw = getauxval(AT_HWCAP);
+    const unsigned long need = HWCAP_ASIMDDP | HWCAP_FPHP | HWCAP_ASIMDHP;
+    return (hw & need) == need;
+#else
+    return false;  // no known way to ask: stay on the scalar path
+#endif
+}
+#endif
+
 bool cpu_runs(const std::string& name) {
     if (name == "scalar") return true;
 #if defined(__x86_64__) || defined(__i386__)
@@ -49,7 +78,8 @@ bool cpu_runs(const std::string& name) {
     if (name == "avx512vnni") return avx2 && fma && f16c && avx512 && vnni && os_saves_zmm(true);
     return false;
 #elif defined(__aarch64__)
-    return name == "neon";  // dot product and fp16 are required by the NEON path; armv8.2+ has them
+    if (name == "neon") return arm_has_dotprod_fp16();
+    return false;
 #else
     return false;
 #endif
