@@ -41,7 +41,8 @@ void ThreadPool::worker_loop(int index) {
         uint64_t gen;
         while ((gen = generation_.load(std::memory_order_acquire)) == seen && !stop_.load()) {
             if (++polls < kSpinPolls) {
-                DLLAMA_PAUSE();
+                if (polls % 64 == 0) std::this_thread::yield();  // give way on an oversubscribed machine
+                else DLLAMA_PAUSE();
                 continue;
             }
             std::unique_lock<std::mutex> lock(sleep_mutex_);
@@ -70,7 +71,12 @@ void ThreadPool::run(const std::function<void(int, int)>& fn) {
     }
     if (sleeping_.load() > 0) wake_.notify_all();
     fn(0, n_threads_);
-    while (pending_.load(std::memory_order_acquire) != 0) DLLAMA_PAUSE();
+    // Spin briefly (the others usually finish within microseconds), then yield so that a worker
+    // thread the OS preempted can run on this core when the machine is oversubscribed.
+    for (int polls = 0; pending_.load(std::memory_order_acquire) != 0; polls++) {
+        if (polls < kSpinPolls / 8) DLLAMA_PAUSE();
+        else std::this_thread::yield();
+    }
     job_ = nullptr;
 }
 
