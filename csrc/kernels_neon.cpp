@@ -10,6 +10,8 @@
 // then y[b][r + i], stored with one vector store.
 #include <arm_neon.h>
 
+#include <cmath>
+
 #include <cfloat>
 #include <cstring>
 
@@ -284,9 +286,11 @@ void axpy_f32(float a, const float* x, float* y, int n) {
     for (; i < n; i++) y[i] += a * x[i];
 }
 
+#include "attention_impl.hpp"
+
 const KernelTable kTable = {
     "neon", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    quantize_q80, dot_f32, axpy_f32, 0, 0, false, 0,
+    quantize_q80, dot_f32, axpy_f32, attention_group, 0, 0, false, 0,
 };
 
 }  // namespace

@@ -1,5 +1,6 @@
 // The scalar path: the reference every SIMD path is tested against.
 #include <cmath>
+#include <cstddef>
 
 #include "kernels.hpp"
 
@@ -69,6 +70,8 @@ void axpy_f32(float a, const float* x, float* y, int n) {
     for (int i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+#include "attention_impl.hpp"
+
 const KernelTable kTable = {
     "scalar",
     matmul_f32_f32_f32,
@@ -78,6 +81,7 @@ const KernelTable kTable = {
     quantize_q80_ref,
     dot_f32,
     axpy_f32,
+    attention_group,
     0,
     0,
     false,

@@ -176,30 +176,17 @@ void attention(const float* q, const float* k_cache, const float* v_cache, const
     const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
     size_t work = 0;
     for (int b = 0; b < B; b++) work += static_cast<size_t>(positions[b] + 1) * q_dim * 2;
-    parallel_for(static_cast<int64_t>(B) * n_heads, work, [&](int64_t i0, int64_t i1) {
+    // One task per (row, KV head): its query heads read each key and value row once together.
+    parallel_for(static_cast<int64_t>(B) * n_kv_heads, work, [&](int64_t i0, int64_t i1) {
         std::vector<float> scores;
         for (int64_t i = i0; i < i1; i++) {
-            const int b = static_cast<int>(i / n_heads), h = static_cast<int>(i % n_heads);
-            const int kvh = h / group, n = positions[b] + 1;
-            const float* qh = q + static_cast<size_t>(b) * q_dim + static_cast<size_t>(h) * head_dim;
-            float* oh = out + static_cast<size_t>(b) * q_dim + static_cast<size_t>(h) * head_dim;
-            scores.resize(static_cast<size_t>(n));
-            float m = -INFINITY;
-            for (int t = 0; t < n; t++) {
-                scores[t] = k.dot_f32(qh, k_cache + static_cast<size_t>(t) * kv_dim + static_cast<size_t>(kvh) * head_dim,
-                                      head_dim) * scale;
-                m = std::max(m, scores[t]);
-            }
-            float s = 0.0f;
-            for (int t = 0; t < n; t++) {
-                scores[t] = std::exp(scores[t] - m);
-                s += scores[t];
-            }
-            const float inv = 1.0f / s;
-            std::fill(oh, oh + head_dim, 0.0f);
-            for (int t = 0; t < n; t++)
-                k.axpy_f32(scores[t] * inv, v_cache + static_cast<size_t>(t) * kv_dim + static_cast<size_t>(kvh) * head_dim,
-                           oh, head_dim);
+            const int b = static_cast<int>(i / n_kv_heads), kvh = static_cast<int>(i % n_kv_heads);
+            const int n = positions[b] + 1;
+            const size_t head0 = static_cast<size_t>(b) * q_dim + static_cast<size_t>(kvh) * group * head_dim;
+            scores.resize(static_cast<size_t>(group) * n);
+            k.attention_group(q + head0, k_cache + static_cast<size_t>(kvh) * head_dim,
+                              v_cache + static_cast<size_t>(kvh) * head_dim, static_cast<size_t>(kv_dim), n, group,
+                              head_dim, scale, out + head0, scores.data());
         }
     });
 }

@@ -168,7 +168,7 @@ class LocalEngine:
         x = self.x[:B]
         kernels.embedding(self.embedding, np.asarray(tokens, dtype=np.int32), x)
         positions = np.arange(start_pos, start_pos + B, dtype=np.int32)
-        self._last = self.forward.forward(x, positions, all_logits)
+        self._last = self.forward.forward(x, positions, all_logits, logits=need != "none")
         return StepStats(B, (time.perf_counter() - start) * 1e3)
 
     def logits(self) -> np.ndarray:

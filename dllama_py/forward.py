@@ -142,10 +142,13 @@ class NodeForward:
         return self.w[name].reshape(-1)
 
     # ---- the pass --------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False) -> np.ndarray:
+    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False,
+                logits: bool = True) -> np.ndarray:
         """Run every layer on x (B, D) float32 in place for tokens at `positions` (B,) int32,
         writing their keys and values to the KV cache. Returns this node's classifier slice
-        of the logits: (B, V_node) when all_logits, else (1, V_node) for the last row."""
+        of the logits: (B, V_node) when all_logits, else (1, V_node) for the last row; with
+        logits=False (a prompt batch whose logits nobody reads) the classifier is skipped and
+        an empty (0, V_node) array returned."""
         c, B = self.config, x.shape[0]
         if B > self.max_batch:
             raise ValueError(f"batch of {B} rows is larger than the {self.max_batch} this node was built for")
@@ -159,9 +162,7 @@ class NodeForward:
             kernels.rms_norm(x, self._norm_weight(p + "attention_norm"), h, c.norm_epsilon)
             hq = self._input(h)
             q, k, v = self.q[:B], self.k[:B], self.v[:B]
-            self._matmul(hq, p + "wq", q)
-            self._matmul(hq, p + "wk", k)
-            self._matmul(hq, p + "wv", v)
+            kernels.matmul_many(hq, [self.w[p + "wq"], self.w[p + "wk"], self.w[p + "wv"]], self.wtype, [q, k, v])
             if c.has_qk_norm:
                 q_heads, k_heads = q.reshape(-1, c.head_dim), k.reshape(-1, c.head_dim)  # per-head norm
                 kernels.rms_norm(q_heads, self._norm_weight(p + "q_norm"), q_heads, c.norm_epsilon)
@@ -185,6 +186,8 @@ class NodeForward:
                 self._ffn(p, self._input(h), partial)
             self.sync.reduce_add(partial, x, f"layer {layer} feed-forward sync")
 
+        if not logits and not all_logits:
+            return self.logits[:0]
         rows = x if all_logits else x[B - 1:]
         out_h = self.h[: rows.shape[0]]
         kernels.rms_norm(rows, self._norm_weight("final_norm"), out_h, c.norm_epsilon)
@@ -196,8 +199,7 @@ class NodeForward:
         """out (n, D) = w2 (activation(w1 h) * w3 h) over this node's rows of the FFN `prefix`."""
         n = out.shape[0]
         a, b = self.ff_a[:n], self.ff_b[:n]
-        self._matmul(hq, prefix + "w1", a)
-        self._matmul(hq, prefix + "w3", b)
+        kernels.matmul_many(hq, [self.w[prefix + "w1"], self.w[prefix + "w3"]], self.wtype, [a, b])
         self.activation(a)
         kernels.mul(a, b)
         self._matmul(self._input(a), prefix + "w2", out)

@@ -102,6 +102,16 @@ def input_type_for(weight_type: str) -> str:
     return "q80" if weight_type in ("q40", "q80") else "f32"
 
 
+def matmul_many(x: np.ndarray, ws: list[np.ndarray], weight_type: str, ys: list[npt.NDArray[np.float32]]) -> None:
+    """ys[i] = x @ ws[i]^T for several matrices of one weight type sharing the input x (q/k/v,
+    w1/w3): block weights prepare x once and run in one pass over the thread pool."""
+    if weight_type in ("q40", "q80"):
+        _core.matmul_q80_many(x, ws, ys, weight_type == "q80")
+    else:
+        for w, y in zip(ws, ys):
+            matmul(x, w, weight_type, y)
+
+
 def matmul(x: np.ndarray, w: np.ndarray, weight_type: str, y: npt.NDArray[np.float32]) -> None:
     """y (B, rows) = x (B, cols) @ W^T for stored weights w of `weight_type`.
 

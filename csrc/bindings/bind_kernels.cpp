@@ -170,6 +170,27 @@ void bind_kernels(py::module_& m) {
     m.def("matmul_q80_q40_f32", &bind_matmul_q<BlockQ40, matmul_q80_q40_f32>, py::arg("x"), py::arg("w"), py::arg("y"));
     m.def("matmul_q80_q80_f32", &bind_matmul_q<BlockQ80, matmul_q80_q80_f32>, py::arg("x"), py::arg("w"), py::arg("y"));
 
+    m.def("matmul_q80_many", [](const py::array& x, const std::vector<py::array>& ws, std::vector<py::array> ys,
+                                 bool q80_weights) {
+        const uint8_t* xp = in_ptr<uint8_t>(x, "x");
+        const ssize_t nb = blocks_of_bytes(x, "x", sizeof(BlockQ80));
+        const ssize_t wbytes = nb * static_cast<ssize_t>(q80_weights ? sizeof(BlockQ80) : sizeof(BlockQ40));
+        if (ws.size() != ys.size() || ws.empty()) throw py::value_error("ws and ys must be non-empty lists of equal length");
+        std::vector<const void*> wp;
+        std::vector<float*> yp;
+        std::vector<int> rows;
+        int B = 1;
+        for (size_t m = 0; m < ws.size(); m++) {
+            wp.push_back(in_ptr<uint8_t>(ws[m], "ws[i]"));
+            yp.push_back(out_ptr<float>(ys[m], "ys[i]"));
+            B = check_matmul(x, ws[m], ys[m], nb * static_cast<ssize_t>(sizeof(BlockQ80)), wbytes);
+            rows.push_back(static_cast<int>(ws[m].shape(0)));
+        }
+        py::gil_scoped_release nogil;
+        matmul_q80_many(reinterpret_cast<const BlockQ80*>(xp), B, static_cast<int>(nb), q80_weights,
+                        static_cast<int>(ws.size()), wp.data(), yp.data(), rows.data());
+    }, py::arg("x"), py::arg("ws"), py::arg("ys"), py::arg("q80_weights"),
+       "ys[i] = x @ ws[i]^T for Q40 (or Q80) weights sharing one Q80 input, prepared once");
     m.def("rms_norm", [](const py::array& x, const py::array& w, py::array& out, float eps) {
         const float *xp = in_ptr<float>(x, "x"), *wp = in_ptr<float>(w, "w");
         float* op = out_ptr<float>(out, "out");

@@ -185,7 +185,7 @@ class ClusterEngine:
         try:
             for node in range(1, self.plan.n_nodes):
                 self.mesh.send_message(node, message, f"sending step at position {start_pos}")
-            self._local = self.forward.forward(x, positions, all_logits)
+            self._local = self.forward.forward(x, positions, all_logits, logits=mode != p.LogitsMode.NONE)
             gather_start = time.perf_counter()
             self._collect(mode)
             gather_s = time.perf_counter() - gather_start

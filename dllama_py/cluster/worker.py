@@ -153,7 +153,8 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
         x = x_buf[:batch]
         x.reshape(-1)[:] = np.frombuffer(body, dtype=np.float32, offset=p.STEP.size)
         positions = np.arange(pos0, pos0 + batch, dtype=np.int32)
-        last = forward.forward(x, positions, all_logits=bool(flags & p.STEP_ALL_LOGITS))
+        last = forward.forward(x, positions, all_logits=bool(flags & p.STEP_ALL_LOGITS),
+                               logits=mode != p.LogitsMode.NONE)
         reply(mesh, plan, me, p.LogitsMode(mode), last, temperature, vocab_limit)
 
 
