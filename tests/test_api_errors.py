@@ -296,18 +296,21 @@ def test_client_giving_up_on_a_whole_answer_stops_its_generation(slow_server):
 
 def test_a_waiting_request_is_served_when_the_running_one_ends(slow_server):
     wait_idle(slow_server, 5)
-    finished: list[int] = []
-    gate = long_stream(slow_server, max_tokens=10)  # holds the generator while the others queue
+    gate = long_stream(slow_server, max_tokens=300)  # holds the generator (6 s) while another waits
+    gate_lines = gate.iter_lines()  # kept: a dropped line iterator closes the connection
+    assert next(gate_lines).startswith("data: ")
+    answers: list[str] = []
 
-    def ask(i: int) -> None:
-        slow_server.client().completions.create(model="x", prompt="Once", max_tokens=2)
-        finished.append(i)
+    def ask() -> None:
+        answers.append(slow_server.client().completions.create(model="x", prompt="Once", max_tokens=2).object)
 
-    first = threading.Thread(target=ask, args=(0,))
-    first.start()
-    time.sleep(0.1)
-    assert slow_server.health().json()["queue"]["waiting"] == 1
-    gate.read()
-    gate.close()
-    first.join(10)
-    assert finished == [0]
+    waiting = threading.Thread(target=ask)
+    waiting.start()
+    deadline = time.monotonic() + 5
+    while slow_server.health().json()["queue"]["waiting"] != 1:
+        assert time.monotonic() < deadline, "the second request never waited in the queue"
+        time.sleep(0.02)
+    assert answers == []
+    gate.close()  # the running request goes away; the waiting one is served
+    waiting.join(10)
+    assert answers == ["text_completion"]

@@ -181,12 +181,18 @@ def main(argv: list[str] | None = None) -> int:
         access_log=args.access_log,
         timeout_graceful_shutdown=5,
     )
+    server = Server(config)
     try:
-        Server(config).run()
+        server.run()
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C / SIGINT after its graceful shutdown
+        pass
+    except SystemExit:  # uvicorn exits when it cannot start (it has logged why)
         pass
     finally:
         service.close()
+    if not server.started:  # uvicorn has logged why (e.g. the port is in use)
+        print(f"error: dllama-api could not listen on {args.host}:{args.port}", file=sys.stderr)
+        return 1
     log_stderr("dllama-api: stopped")
     return 0
 
