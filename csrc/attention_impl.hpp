@@ -1,7 +1,14 @@
-// Attention over one KV head for the query heads that share it, written for the auto-vectoriser.
+// Attention over one KV head for the query heads that share it, and SiLU, written for the
+// auto-vectoriser.
 // Each kernel file includes it inside its own namespace, so it is compiled with that path's
 // SIMD flags (SSE2 baseline, AVX2, AVX-512).
 // (No include guard on purpose: every kernel file includes it once, in its own namespace.)
+
+// x * sigmoid(x) in place.
+inline void silu_f32(float* x, size_t n) {
+#pragma omp simd
+    for (size_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + fast_exp(-x[i]));
+}
 
 // q: G query heads of head_dim values, consecutive; k/v: cache rows 0..n-1, row t at
 // cache + t * kv_stride; out: G heads; scores: scratch of G * n floats.
@@ -22,8 +29,9 @@ inline void attention_group(const float* q, const float* k_cache, const float* v
         float m = sg[0];
         for (int t = 1; t < n; t++) m = sg[t] > m ? sg[t] : m;
         float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
         for (int t = 0; t < n; t++) {
-            sg[t] = std::exp(sg[t] - m);
+            sg[t] = fast_exp(sg[t] - m);
             sum += sg[t];
         }
         const float inv = 1.0f / sum;

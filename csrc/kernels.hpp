@@ -46,6 +46,7 @@ struct KernelTable {
     // Causal attention of G query heads sharing one KV head over cache rows 0..n-1 (attention_impl.hpp).
     void (*attention_group)(const float* q, const float* k_cache, const float* v_cache, size_t kv_stride, int n,
                             int G, int hd, float scale, float* out, float* scores);
+    void (*silu)(float* x, size_t n);  // x * sigmoid(x), in place
     // Offset each weight kernel adds to make weights unsigned; PreparedQ80::bias is built with
     // it (0: the kernel reads no bias).
     int q40_bias_offset;

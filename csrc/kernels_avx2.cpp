@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cmath>
 
+#include "fast_exp.hpp"
 #include "kernels.hpp"
 
 namespace dllama {
@@ -186,7 +187,7 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
 
 const KernelTable kTable = {
     "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    quantize_q80, dot_f32, axpy_f32, attention_group, 8, 0, false, 0,
+    quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 8, 0, false, 0,
 };
 
 }  // namespace

@@ -2,6 +2,7 @@
 #include <cmath>
 #include <cstddef>
 
+#include "fast_exp.hpp"
 #include "kernels.hpp"
 
 namespace dllama {
@@ -82,6 +83,7 @@ const KernelTable kTable = {
     dot_f32,
     axpy_f32,
     attention_group,
+    silu_f32,
     0,
     0,
     false,

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "fast_exp.hpp"
 #include "kernels.hpp"
 #include "thread_pool.hpp"
 
@@ -50,9 +51,8 @@ void rms_norm(const float* x, const float* w, float* y, int n_rows, int n, float
 }
 
 void silu(float* x, size_t n) {
-    parallel_for(static_cast<int64_t>(n), n * 8, [&](int64_t b, int64_t e) {
-        for (int64_t i = b; i < e; i++) x[i] = x[i] / (1.0f + std::exp(-x[i]));
-    });
+    const KernelTable& k = active_kernels();
+    parallel_for(static_cast<int64_t>(n), n * 8, [&](int64_t b, int64_t e) { k.silu(x + b, static_cast<size_t>(e - b)); });
 }
 
 void gelu(float* x, size_t n) {
@@ -93,8 +93,9 @@ void softmax(float* x, int n_rows, int n) {
             float m = xr[0];
             for (int i = 1; i < n; i++) m = std::max(m, xr[i]);
             float s = 0.0f;
+#pragma omp simd reduction(+ : s)
             for (int i = 0; i < n; i++) {
-                xr[i] = std::exp(xr[i] - m);
+                xr[i] = fast_exp(xr[i] - m);
                 s += xr[i];
             }
             const float inv = 1.0f / s;
