@@ -7,7 +7,7 @@
 // x * sigmoid(x) in place.
 inline void silu_f32(float* x, size_t n) {
 #pragma omp simd
-    for (size_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + fast_exp(-x[i]));
+    for (size_t i = 0; i < n; i++) x[i] = x[i] / (1.0f + std::exp(-x[i]));
 }
 
 // q: G query heads of head_dim values, consecutive; k/v: cache rows 0..n-1, row t at
@@ -31,7 +31,7 @@ inline void attention_group(const float* q, const float* k_cache, const float* v
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int t = 0; t < n; t++) {
-            sg[t] = fast_exp(sg[t] - m);
+            sg[t] = std::exp(sg[t] - m);
             sum += sg[t];
         }
         const float inv = 1.0f / sum;

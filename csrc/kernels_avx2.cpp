@@ -4,7 +4,6 @@
 #include <cfloat>
 #include <cmath>
 
-#include "fast_exp.hpp"
 #include "kernels.hpp"
 
 namespace dllama {

@@ -15,7 +15,6 @@
 #include <cfloat>
 #include <cstring>
 
-#include "fast_exp.hpp"
 #include "kernels.hpp"
 
 namespace dllama {

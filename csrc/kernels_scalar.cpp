@@ -2,7 +2,6 @@
 #include <cmath>
 #include <cstddef>
 
-#include "fast_exp.hpp"
 #include "kernels.hpp"
 
 namespace dllama {

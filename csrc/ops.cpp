@@ -8,7 +8,6 @@
 #include <string>
 #include <vector>
 
-#include "fast_exp.hpp"
 #include "kernels.hpp"
 #include "thread_pool.hpp"
 
@@ -95,7 +94,7 @@ void softmax(float* x, int n_rows, int n) {
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int i = 0; i < n; i++) {
-                xr[i] = fast_exp(xr[i] - m);
+                xr[i] = std::exp(xr[i] - m);
                 s += xr[i];
             }
             const float inv = 1.0f / s;
