@@ -239,6 +239,12 @@ def cmd_inference(args: argparse.Namespace) -> int:
             "bytes_received_per_token": sum(s.bytes_received for s in result.token_steps) / max(1, n_gen),
             "finish_reason": result.finish_reason,
         }
+        reported = [s.node_bytes for s in result.token_steps if s.node_bytes]
+        if reported:
+            nodes = len(reported[0])
+            summary["node_bytes_per_token"] = [
+                [sum(r[i][0] for r in reported) / len(reported), sum(r[i][1] for r in reported) / len(reported)]
+                for i in range(nodes)]
         log_stderr("Evaluation")
         log_stderr(f"   nBatches: {args.nbatches}")
         log_stderr(f"    nTokens: {summary['prompt_tokens']}")
@@ -246,6 +252,8 @@ def cmd_inference(args: argparse.Namespace) -> int:
         log_stderr("Prediction")
         log_stderr(f"    nTokens: {n_gen}")
         log_stderr(f"   tokens/s: {summary['gen_tokens_per_s']:.2f} ({summary['gen_ms_per_token']:.2f} ms/tok)")
+        for i, (sent, received) in enumerate(summary.get("node_bytes_per_token", [])):
+            log_stderr(f"    node {i}: sent {sent / 1024:.1f} kB, received {received / 1024:.1f} kB per token")
         if args.json:
             out.write(json.dumps({"stats": summary}) + "\n")
             out.flush()

@@ -35,8 +35,11 @@ class StepStats:
     tokens: int
     compute_ms: float
     sync_ms: float = 0.0
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # by this node (the root)
     bytes_received: int = 0
+    # (bytes sent, bytes received) by every node of a cluster since the last step that reported
+    # them (prompt batches whose logits nobody reads report nothing; their bytes count later)
+    node_bytes: list[tuple[int, int]] | None = None
 
 
 @dataclass

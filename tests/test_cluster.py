@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -309,6 +310,9 @@ def test_dllama_inference_command_across_workers_prints_text_and_traffic(stories
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith(reference[0]["text"][:40])
     assert "node 2 (worker" in out.stderr and "Sent" in out.stderr
+    # every node's traffic per token: all-gathers are symmetric, so each worker sends about what it receives
+    traffic = dict(re.findall(r"node (\d): sent ([\d.]+) kB", out.stderr))
+    assert set(traffic) == {"0", "1", "2"} and all(float(v) > 0 for v in traffic.values())
     assert "Traceback" not in out.stderr
 
 

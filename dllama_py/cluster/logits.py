@@ -8,7 +8,9 @@ logit (distributed-llama sends them all, about 250 KB per token for a 128k vocab
   the exact probabilities of those tokens and samples exactly when the nucleus lies inside
   them, else asks for FULL;
 - FULL: each node's whole slice (4 bytes per logit).
-Worker and root compute the same gather layouts from the plan.
+Every reply ends with the node's network counters (bytes sent and received so far), so the
+root can report the traffic of every node. Worker and root compute the same gather layouts
+from the plan.
 """
 
 from __future__ import annotations
@@ -22,12 +24,24 @@ from dllama_py.plan import Plan
 ARGMAX = struct.Struct("<fi")  # value, global id
 TOPK_TAIL = struct.Struct("<fff")  # max of scaled logits, sum of exp(scaled - max), tokens in the slice
 TOPK = 64
+COUNTERS = struct.Struct("<QQ")  # bytes sent, bytes received by the replying node so far
 
 
 def layout(sizes: list[int]) -> tuple[list[int], list[int]]:
-    """Gather offsets for per-node reply sizes, in node order."""
+    """Gather offsets for per-node reply sizes (plus the counters), in node order."""
+    sizes = [n + COUNTERS.size for n in sizes]
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
     return offsets, sizes
+
+
+def with_counters(payload: bytes, sent: int, received: int) -> bytes:
+    """A node's reply: its payload followed by its network counters."""
+    return payload + COUNTERS.pack(sent, received)
+
+
+def counters_of(buf: np.ndarray, offsets: list[int], sizes: list[int]) -> list[tuple[int, int]]:
+    """Every node's (bytes sent, bytes received) from a gathered reply buffer."""
+    return [COUNTERS.unpack_from(buf, o + n - COUNTERS.size) for o, n in zip(offsets, sizes)]
 
 
 def argmax_layout(n_nodes: int) -> tuple[list[int], list[int]]:

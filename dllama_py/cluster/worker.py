@@ -118,6 +118,7 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     try:
         start = time.perf_counter()
         weights = receive_weights(mesh, plan, me)
+        mesh.reset_counters()  # per-step traffic starts here, as on the root
         total = sum(w.nbytes for w in weights.values())
         log(f"received {total / 2**20:.1f} MiB of weights in {time.perf_counter() - start:.1f} s "
             f"(node {me} of {plan.n_nodes})")
@@ -173,6 +174,7 @@ def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.
     else:
         offsets, sizes = L.full_layout(plan, logits.shape[0])
         mine, label = logits.tobytes(), "sending logits"
+    mine = L.with_counters(mine, mesh.bytes_sent, mesh.bytes_received)
     buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
     buf[offsets[me]:offsets[me] + sizes[me]] = np.frombuffer(mine, dtype=np.uint8)
     mesh.gather(0, buf, offsets, sizes, label)
