@@ -344,3 +344,27 @@ def test_temperature_sampling_on_a_cluster_picks_the_same_tokens_as_one_node(sto
             # the nucleus usually lies in the nodes' top tokens: only then no full logits travel
             assert engine.topk_hits > engine.topk_misses
     assert texts[0] == texts[1]
+
+
+def test_a_root_that_dies_sends_its_workers_back_to_waiting(stories):
+    model, tok = stories
+    worker = WorkerProcess()
+    try:
+        # a chat root loads the cluster, then waits for input: kill it there
+        root = subprocess.Popen([sys.executable, "-m", "dllama_py.cli", "chat", "--model", str(model), "--tokenizer",
+                                 str(tok), "--chat-template", "llama2", "--nthreads", "1", "--workers", worker.address],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO)
+        worker.wait_for_line("received")
+        time.sleep(0.5)
+        root.kill()
+        root.wait(10)
+        killed = time.monotonic()
+        worker.wait_for_line("waiting for the next root", timeout=10)
+        assert time.monotonic() - killed < 10
+        assert worker.alive()
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        engine.step([1, 403], 0, need="argmax")
+        assert engine.argmax() == 407
+        engine.close()
+    finally:
+        worker.stop()
