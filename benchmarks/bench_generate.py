@@ -20,23 +20,15 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_kernels import measure_bandwidth  # noqa: E402
 from model_cache import llama_1b_q40, tiny_twin  # noqa: E402
 
-from dllama_py import kernels  # noqa: E402
 from dllama_py.engine import LocalEngine  # noqa: E402
 from dllama_py.formats.model_file import tensor_specs  # noqa: E402
 
 
 def read_bandwidth(threads: int, repeats: int = 5) -> float:
-    kernels.set_num_threads(threads)
-    buf = np.ones(1 << 30, dtype=np.uint8)
-    kernels.stream_read(buf)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        kernels.stream_read(buf)
-        times.append(time.perf_counter() - t0)
-    return buf.nbytes / statistics.median(times) / 1e9
+    return measure_bandwidth(threads, 1.0, repeats)
 
 
 def weight_bytes_per_token(engine: LocalEngine) -> int:

@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read bandwidth, {t} thread(s): {bandwidth[str(t)]:.1f} GB/s", flush=True)
 
     results = []
-    header = f"{'shape':>12} {'B':>3} {'thr':>3} {'isa':>11} {'ms/matmul':>10} {'weight GB/s':>11} {'% of read bw':>12} {'Gop/s':>8}"
+    header = (f"{'shape':>12} {'B':>3} {'thr':>3} {'isa':>11} {'ms/matmul':>10} {'weight GB/s':>11}"
+              f" {'% of read bw':>12} {'Gop/s':>8}")
     print(header)
     print("-" * len(header))
     for rows, cols in SHAPES:

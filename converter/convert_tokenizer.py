@@ -195,7 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(with merges.txt beside it); tokenizer_config.json, config.json and generation_config.json in the same "
         "folder supply BOS, EOS ids and the chat template",
     )
-    parser.add_argument("name", metavar="NAME", help="output name: writes dllama_tokenizer_NAME.t in the current folder")
+    parser.add_argument("name", metavar="NAME",
+                        help="output name: writes dllama_tokenizer_NAME.t in the current folder")
     parser.add_argument("--output", metavar="PATH", type=Path, help="write the .t file to PATH instead")
     return parser
 

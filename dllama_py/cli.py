@@ -154,7 +154,8 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
 
 def check_vocab(engine, tokenizer) -> None:
     if tokenizer.vocab_size > engine.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only {engine.config.vocab_size}: "
+        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
+                        f"{engine.config.vocab_size}: "
                         "they do not belong together")
 
 

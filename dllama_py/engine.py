@@ -17,8 +17,8 @@ import numpy as np
 
 from dllama_py import kernels
 from dllama_py.config import FloatType, ModelConfig
-from dllama_py.forward import LocalSync, NodeForward
 from dllama_py.formats.model_file import ModelFile, read_model
+from dllama_py.forward import LocalSync, NodeForward
 from dllama_py.plan import Plan, cut_tensor
 
 BUFFER_TYPES = ("f32", "q80")

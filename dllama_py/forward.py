@@ -19,7 +19,7 @@ from typing import Protocol
 import numpy as np
 
 from dllama_py import kernels
-from dllama_py.config import ArchType, FloatType, HiddenAct, ModelConfig, RopeType
+from dllama_py.config import ArchType, FloatType, HiddenAct, RopeType
 from dllama_py.plan import Plan
 
 

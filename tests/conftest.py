@@ -21,3 +21,16 @@ def testdata() -> Path:
     if not TESTDATA.is_dir():
         pytest.fail(f"reference data not found at {TESTDATA} (set DLLAMA_TESTDATA)")
     return TESTDATA
+
+
+@pytest.fixture(scope="session")
+def stories_f32(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """stories260K converted with this project's converters: (f32 .m file, tok512 .t file)."""
+    from converter.convert_hf import main as convert_hf
+    from converter.convert_tokenizer import main as convert_tokenizer
+
+    folder = tmp_path_factory.mktemp("stories")
+    model, tok = folder / "stories_f32.m", folder / "tok512.t"
+    assert convert_hf([str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model), "--quiet"]) == 0
+    assert convert_tokenizer([str(testdata / "stories260K" / "tok512.model"), "tok512", "--output", str(tok)]) == 0
+    return model, tok

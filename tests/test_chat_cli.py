@@ -9,8 +9,6 @@ from pathlib import Path
 
 import pytest
 
-from converter.convert_hf import main as convert_hf
-from converter.convert_tokenizer import main as convert_tokenizer
 from dllama_py.chat_session import ChatFormat
 from dllama_py.tokenizer import Tokenizer
 
@@ -18,12 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def stories(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    folder = tmp_path_factory.mktemp("chat")
-    model, tok = folder / "stories_f32.m", folder / "tok512.t"
-    assert convert_hf([str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model), "--quiet"]) == 0
-    assert convert_tokenizer([str(testdata / "stories260K" / "tok512.model"), "tok512", "--output", str(tok)]) == 0
-    return model, tok
+def stories(stories_f32: tuple[Path, Path]) -> tuple[Path, Path]:
+    return stories_f32
 
 
 def run_chat(model: Path, tok: Path, lines: list[str], *extra: str) -> subprocess.CompletedProcess:

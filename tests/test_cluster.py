@@ -23,8 +23,6 @@ import numpy as np
 import pytest
 from cluster_helpers import REPO, WorkerProcess
 
-from converter.convert_hf import main as convert_hf
-from converter.convert_tokenizer import main as convert_tokenizer
 from dllama_py.cluster import protocol
 from dllama_py.cluster.root import ClusterEngine
 from dllama_py.engine import EngineError, LocalEngine
@@ -38,13 +36,8 @@ def quiet(_message: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def stories(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """stories260K converted to f32 with this project's converters: (model, tokenizer)."""
-    folder = tmp_path_factory.mktemp("stories")
-    model, tok = folder / "stories_f32.m", folder / "tok512.t"
-    assert convert_hf([str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model), "--quiet"]) == 0
-    assert convert_tokenizer([str(testdata / "stories260K" / "tok512.model"), "tok512", "--output", str(tok)]) == 0
-    return model, tok
+def stories(stories_f32: tuple[Path, Path]) -> tuple[Path, Path]:
+    return stories_f32
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,19 @@ from collections.abc import Callable
 import numpy as np
 
 from dllama_py import _core, kernels
+from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.sync import MeshSync
-from dllama_py.cluster import logits as L
-from dllama_py.engine import (BUFFER_TYPES, EngineError, EngineInfo, StepStats, choose_seq_len,
-                              default_buffer_type, load_node_weights, open_model)
+from dllama_py.engine import (
+    BUFFER_TYPES,
+    EngineError,
+    EngineInfo,
+    StepStats,
+    choose_seq_len,
+    default_buffer_type,
+    load_node_weights,
+    open_model,
+)
 from dllama_py.forward import NodeForward
 from dllama_py.plan import Plan, PlanError, cut_tensor
 from dllama_py.sampler import Sampler

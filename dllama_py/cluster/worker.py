@@ -20,8 +20,8 @@ from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.sync import MeshSync
 from dllama_py.config import ModelConfig
-from dllama_py.forward import NodeForward
 from dllama_py.formats.model_file import tensor_specs
+from dllama_py.forward import NodeForward
 from dllama_py.plan import Plan
 
 HANDSHAKE_TIMEOUT_S = 10.0
