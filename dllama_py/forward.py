@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Mapping
+from types import SimpleNamespace
 from typing import Protocol
 
 import numpy as np
@@ -124,6 +125,24 @@ class NodeForward:
         if c.arch == ArchType.QWEN3_MOE:
             self.router_logits = buf(c.n_experts)
             self.expert_out = buf(d)
+        # Per-layer weights and labels looked up once, not by name on every token.
+        self.layers = [self._layer(i) for i in range(c.n_layers)]
+
+    def _layer(self, i: int) -> SimpleNamespace:
+        c, w, p = self.config, self.w, f"layers.{i}."
+        layer = SimpleNamespace(
+            attention_norm=w[p + "attention_norm"].reshape(-1), ffn_norm=w[p + "ffn_norm"].reshape(-1),
+            qkv=[w[p + "wq"], w[p + "wk"], w[p + "wv"]], wo=w[p + "wo"],
+            attention_label=f"layer {i} attention sync", ffn_label=f"layer {i} feed-forward sync")
+        if c.has_qk_norm:
+            layer.q_norm, layer.k_norm = w[p + "q_norm"].reshape(-1), w[p + "k_norm"].reshape(-1)
+        if c.is_moe:
+            layer.router = w[p + "router"]
+            layer.experts = [(w[f"{p}experts.{e}.w1"], w[f"{p}experts.{e}.w3"], w[f"{p}experts.{e}.w2"])
+                             for e in range(c.n_experts)]
+        else:
+            layer.ffn = (w[p + "w1"], w[p + "w3"], w[p + "w2"])
+        return layer
 
     # ---- helpers ---------------------------------------------------------------------------
     def _input(self, x: np.ndarray) -> np.ndarray:
@@ -135,11 +154,6 @@ class NodeForward:
         kernels.quantize_q80_into(x, q)
         return q
 
-    def _matmul(self, x_in: np.ndarray, name: str, out: np.ndarray) -> None:
-        kernels.matmul(x_in, self.w[name], self.wtype, out)
-
-    def _norm_weight(self, name: str) -> np.ndarray:
-        return self.w[name].reshape(-1)
 
     # ---- the pass --------------------------------------------------------------------------
     def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False,
@@ -156,60 +170,59 @@ class NodeForward:
         if pos0 + B > self.seq_len:
             raise ValueError(f"positions {pos0}..{pos0 + B - 1} do not fit the context of {self.seq_len} tokens")
         h, partial = self.h[:B], self.partial[:B]
-        for layer in range(c.n_layers):
-            p = f"layers.{layer}."
+        for index, layer in enumerate(self.layers):
             # attention: (B, D) -> q (B, Q), k/v (B, K) -> att (B, Q) -> partial (B, D)
-            kernels.rms_norm(x, self._norm_weight(p + "attention_norm"), h, c.norm_epsilon)
-            hq = self._input(h)
+            kernels.rms_norm(x, layer.attention_norm, h, c.norm_epsilon)
             q, k, v = self.q[:B], self.k[:B], self.v[:B]
-            kernels.matmul_many(hq, [self.w[p + "wq"], self.w[p + "wk"], self.w[p + "wv"]], self.wtype, [q, k, v])
+            kernels.matmul_many(self._input(h), layer.qkv, self.wtype, [q, k, v])
             if c.has_qk_norm:
                 q_heads, k_heads = q.reshape(-1, c.head_dim), k.reshape(-1, c.head_dim)  # per-head norm
-                kernels.rms_norm(q_heads, self._norm_weight(p + "q_norm"), q_heads, c.norm_epsilon)
-                kernels.rms_norm(k_heads, self._norm_weight(p + "k_norm"), k_heads, c.norm_epsilon)
+                kernels.rms_norm(q_heads, layer.q_norm, q_heads, c.norm_epsilon)
+                kernels.rms_norm(k_heads, layer.k_norm, k_heads, c.norm_epsilon)
             kernels.rope(q, positions, self.inv_freq, self.slice.n_heads, c.head_dim, self.rope_style)
             kernels.rope(k, positions, self.inv_freq, self.slice.n_kv_heads, c.head_dim, self.rope_style)
-            keys, values = self.cache.keys[layer], self.cache.values[layer]
+            keys, values = self.cache.keys[index], self.cache.values[index]
             keys[pos0:pos0 + B] = k
             values[pos0:pos0 + B] = v
             att = self.att[:B]
             kernels.attention(q, keys, values, positions, att, self.slice.n_heads, self.slice.n_kv_heads,
                               c.head_dim)
-            self._matmul(self._input(att), p + "wo", partial)
-            self.sync.reduce_add(partial, x, f"layer {layer} attention sync")
+            kernels.matmul(self._input(att), layer.wo, self.wtype, partial)
+            self.sync.reduce_add(partial, x, layer.attention_label)
 
             # feed-forward: (B, D) -> (B, F) -> partial (B, D)
-            kernels.rms_norm(x, self._norm_weight(p + "ffn_norm"), h, c.norm_epsilon)
+            kernels.rms_norm(x, layer.ffn_norm, h, c.norm_epsilon)
             if c.is_moe:
-                self._moe(p, h, partial)
+                self._moe(layer, h, partial)
             else:
-                self._ffn(p, self._input(h), partial)
-            self.sync.reduce_add(partial, x, f"layer {layer} feed-forward sync")
+                self._ffn(layer.ffn, self._input(h), partial)
+            self.sync.reduce_add(partial, x, layer.ffn_label)
 
         if not logits and not all_logits:
             return self.logits[:0]
         rows = x if all_logits else x[B - 1:]
         out_h = self.h[: rows.shape[0]]
-        kernels.rms_norm(rows, self._norm_weight("final_norm"), out_h, c.norm_epsilon)
+        kernels.rms_norm(rows, self.w["final_norm"].reshape(-1), out_h, c.norm_epsilon)
         logits = self.logits[: rows.shape[0]]
-        self._matmul(self._input(out_h), "classifier", logits)
+        kernels.matmul(self._input(out_h), self.w["classifier"], self.wtype, logits)
         return logits
 
-    def _ffn(self, prefix: str, hq: np.ndarray, out: np.ndarray) -> None:
-        """out (n, D) = w2 (activation(w1 h) * w3 h) over this node's rows of the FFN `prefix`."""
+    def _ffn(self, weights: tuple[np.ndarray, np.ndarray, np.ndarray], hq: np.ndarray, out: np.ndarray) -> None:
+        """out (n, D) = w2 (activation(w1 h) * w3 h) over this node's rows of one FFN (w1, w3, w2)."""
+        w1, w3, w2 = weights
         n = out.shape[0]
         a, b = self.ff_a[:n], self.ff_b[:n]
-        kernels.matmul_many(hq, [self.w[prefix + "w1"], self.w[prefix + "w3"]], self.wtype, [a, b])
+        kernels.matmul_many(hq, [w1, w3], self.wtype, [a, b])
         self.activation(a)
         kernels.mul(a, b)
-        self._matmul(self._input(a), prefix + "w2", out)
+        kernels.matmul(self._input(a), w2, self.wtype, out)
 
-    def _moe(self, prefix: str, h: np.ndarray, out: np.ndarray) -> None:
+    def _moe(self, layer: SimpleNamespace, h: np.ndarray, out: np.ndarray) -> None:
         """Mixture of experts: the router runs on every node; each routed expert's FFN runs on
         the rows sent to it, weighted by the renormalised router probability."""
         c, B = self.config, h.shape[0]
         router_logits = self.router_logits[:B]
-        kernels.matmul_f32_f32_f32(h, self.w[prefix + "router"], router_logits)
+        kernels.matmul_f32_f32_f32(h, layer.router, router_logits)
         experts, weights = kernels.moe_gate(router_logits, c.n_active_experts, True)
         out[:] = 0.0
         hq = self._input(h).copy() if self.quantized_input else h.copy()
@@ -217,7 +230,7 @@ class NodeForward:
             rows, slots = np.nonzero(experts == expert)
             x_in = np.ascontiguousarray(hq[rows])
             y = self.expert_out[: len(rows)]
-            self._ffn(f"{prefix}experts.{expert}.", x_in, y)
+            self._ffn(layer.experts[expert], x_in, y)
             out[rows] += weights[rows, slots, None] * y
 
     def close(self) -> None:
