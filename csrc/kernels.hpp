@@ -43,9 +43,9 @@ struct KernelTable {
     void (*quantize_q80)(const float* x, BlockQ80* y, size_t n_blocks);
     float (*dot_f32)(const float* a, const float* b, int n);
     void (*axpy_f32)(float a, const float* x, float* y, int n);  // y += a * x
-    // Causal attention of G query heads sharing one KV head over cache rows 0..n-1 (attention_impl.hpp).
-    void (*attention_group)(const float* q, const float* k_cache, const float* v_cache, size_t kv_stride, int n,
-                            int G, int hd, float scale, float* out, float* scores);
+    // Causal attention of G query heads sharing one KV head over positions 0..n-1 (attention_impl.hpp).
+    void (*attention_group)(const float* q, const float* kt, size_t kt_stride, const float* v_cache, size_t v_stride,
+                            int n, int G, int hd, float scale, float* out, float* scores);
     void (*silu)(float* x, size_t n);  // x * sigmoid(x), in place
     // Offset each weight kernel adds to make weights unsigned; PreparedQ80::bias is built with
     // it (0: the kernel reads no bias).

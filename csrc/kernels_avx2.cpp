@@ -4,6 +4,8 @@
 #include <cfloat>
 #include <cmath>
 
+#include <cstring>
+
 #include "kernels.hpp"
 
 namespace dllama {

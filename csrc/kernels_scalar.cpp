@@ -2,6 +2,8 @@
 #include <cmath>
 #include <cstddef>
 
+#include <cstring>
+
 #include "kernels.hpp"
 
 namespace dllama {

@@ -184,9 +184,9 @@ void attention(const float* q, const float* k_cache, const float* v_cache, const
             const int n = positions[b] + 1;
             const size_t head0 = static_cast<size_t>(b) * q_dim + static_cast<size_t>(kvh) * group * head_dim;
             scores.resize(static_cast<size_t>(group) * n);
-            k.attention_group(q + head0, k_cache + static_cast<size_t>(kvh) * head_dim,
-                              v_cache + static_cast<size_t>(kvh) * head_dim, static_cast<size_t>(kv_dim), n, group,
-                              head_dim, scale, out + head0, scores.data());
+            k.attention_group(q + head0, k_cache + static_cast<size_t>(kvh) * head_dim * seq_len,
+                              static_cast<size_t>(seq_len), v_cache + static_cast<size_t>(kvh) * head_dim,
+                              static_cast<size_t>(kv_dim), n, group, head_dim, scale, out + head0, scores.data());
         }
     });
 }

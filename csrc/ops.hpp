@@ -50,8 +50,9 @@ void rope(float* x, const int32_t* positions, int B, int n_heads, int head_dim, 
           RopeStyle style);
 
 // ---- attention ----
-// Causal multi-head attention with grouped KV heads over a KV cache [seq_len][n_kv_heads*head_dim].
-// q and out are [B][n_heads*head_dim]; row b attends to cache rows 0..positions[b].
+// Causal multi-head attention with grouped KV heads over a KV cache: keys transposed
+// [n_kv_heads][head_dim][seq_len], values [seq_len][n_kv_heads*head_dim]. q and out are
+// [B][n_heads*head_dim]; row b attends to positions 0..positions[b].
 void attention(const float* q, const float* k_cache, const float* v_cache, const int32_t* positions, int B,
                int n_heads, int n_kv_heads, int head_dim, int seq_len, float* out);
 

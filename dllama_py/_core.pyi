@@ -65,7 +65,7 @@ def rope_frequencies(
 def rope(x: F32, positions: I32, inv_freq: F32, n_heads: int, head_dim: int, style: str) -> None: ...
 def attention(
     q: F32, k_cache: F32, v_cache: F32, positions: I32, out: F32, n_heads: int, n_kv_heads: int, head_dim: int
-) -> None: ...  # q/out (B, n_heads*head_dim), caches (seq_len, n_kv_heads*head_dim)
+) -> None: ...  # q/out (B, n_heads*head_dim), k_cache (n_kv_heads, head_dim, seq_len), v_cache (seq_len, kv_dim)
 def moe_gate(logits: F32, k: int, normalize: bool = True) -> tuple[I32, F32]: ...
 def stream_read(data: U8) -> int: ...  # bandwidth probe
 

@@ -51,24 +51,32 @@ class LocalSync:
 
 
 class KVCache:
-    """Keys and values of the node's KV heads for every layer: (layers, seq_len, K) float32,
-    in RAM or in a memory-mapped temporary file (`storage="disk"`)."""
+    """Keys and values of the node's KV heads for every layer, in RAM or in a memory-mapped
+    temporary file (`storage="disk"`). Keys are stored transposed, (layers, KV heads, head_dim,
+    seq_len), so attention scores run along positions; values are (layers, seq_len, K)."""
 
-    def __init__(self, n_layers: int, seq_len: int, width: int, storage: str = "ram") -> None:
-        shape = (n_layers, seq_len, width)
+    def __init__(self, n_layers: int, seq_len: int, n_kv_heads: int, head_dim: int, storage: str = "ram") -> None:
+        keys_shape = (n_layers, n_kv_heads, head_dim, seq_len)
+        values_shape = (n_layers, seq_len, n_kv_heads * head_dim)
         self.path: str | None = None
         if storage == "disk":
             fd, self.path = tempfile.mkstemp(prefix="dllama-kv-", suffix=".bin")
             os.close(fd)
-            self.keys = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(2, *shape))
-            self.values = self.keys[1]
-            self.keys = self.keys[0]
+            both = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(2, n_layers * seq_len * n_kv_heads * head_dim))
+            self.keys = both[0].reshape(keys_shape)
+            self.values = both[1].reshape(values_shape)
         elif storage == "ram":
-            self.keys = np.zeros(shape, dtype=np.float32)
-            self.values = np.zeros(shape, dtype=np.float32)
+            self.keys = np.zeros(keys_shape, dtype=np.float32)
+            self.values = np.zeros(values_shape, dtype=np.float32)
         else:
             raise ValueError(f"KV cache storage must be 'ram' or 'disk', got {storage!r}")
-        self.seq_len = seq_len
+        self.seq_len, self.n_kv_heads, self.head_dim = seq_len, n_kv_heads, head_dim
+
+    def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write the keys k (B, K) and values v (B, K) of positions pos0..pos0+B-1."""
+        B = k.shape[0]
+        self.keys[layer, :, :, pos0:pos0 + B] = k.reshape(B, self.n_kv_heads, self.head_dim).transpose(1, 2, 0)
+        self.values[layer, pos0:pos0 + B] = v
 
     def close(self) -> None:
         """Release the cache (and delete its file for disk storage)."""
@@ -101,7 +109,7 @@ class NodeForward:
         self.quantized_input = c.weight_float_type in (FloatType.Q40, FloatType.Q80)
         self.q_width = s.n_heads * c.head_dim
         self.kv_width = s.n_kv_heads * c.head_dim
-        self.cache = KVCache(c.n_layers, seq_len, self.kv_width, kv_storage)
+        self.cache = KVCache(c.n_layers, seq_len, s.n_kv_heads, c.head_dim, kv_storage)
         self.rope_style = "rotate_half" if c.rope_type == RopeType.FALCON else "interleaved"
         if c.has_rope_scaling:
             self.inv_freq = kernels.rope_frequencies(
@@ -181,11 +189,9 @@ class NodeForward:
                 kernels.rms_norm(k_heads, layer.k_norm, k_heads, c.norm_epsilon)
             kernels.rope(q, positions, self.inv_freq, self.slice.n_heads, c.head_dim, self.rope_style)
             kernels.rope(k, positions, self.inv_freq, self.slice.n_kv_heads, c.head_dim, self.rope_style)
-            keys, values = self.cache.keys[index], self.cache.values[index]
-            keys[pos0:pos0 + B] = k
-            values[pos0:pos0 + B] = v
+            self.cache.store(index, pos0, k, v)
             att = self.att[:B]
-            kernels.attention(q, keys, values, positions, att, self.slice.n_heads, self.slice.n_kv_heads,
+            kernels.attention(q, self.cache.keys[index], self.cache.values[index], positions, att, self.slice.n_heads, self.slice.n_kv_heads,
                               c.head_dim)
             kernels.matmul(self._input(att), layer.wo, self.wtype, partial)
             self.sync.reduce_add(partial, x, layer.attention_label)

@@ -49,6 +49,11 @@ def attention_reference(
     return out.reshape(batch, -1), score_magnitude
 
 
+def transposed(k_cache: np.ndarray, n_kv_heads: int, head_dim: int) -> np.ndarray:
+    """The kernel's key layout: (seq_len, n_kv_heads*head_dim) -> (n_kv_heads, head_dim, seq_len)."""
+    return np.ascontiguousarray(k_cache.reshape(len(k_cache), n_kv_heads, head_dim).transpose(1, 2, 0))
+
+
 @pytest.mark.parametrize(("isa", "nthreads"), SETTINGS)
 @pytest.mark.parametrize("positions_key", [7, 1, -1])
 @pytest.mark.parametrize("n_kv_heads", [8, 4, 2])  # GQA ratios 1, 2 and 4
@@ -67,8 +72,9 @@ def test_attention_is_softmax_of_scaled_scores_times_values_over_the_causal_pref
         v_cache[positions.max() + 1 :] = np.nan
         expected, score_magnitude = attention_reference(q, k_cache, v_cache, positions, n_heads, n_kv_heads)
         out = np.full_like(q, np.nan)
+        keys_t = transposed(k_cache, n_kv_heads, head_dim)
         with kernel_settings(isa, nthreads):
-            kernels.attention(q, k_cache, v_cache, positions, out, n_heads, n_kv_heads, head_dim)
+            kernels.attention(q, keys_t, v_cache, positions, out, n_heads, n_kv_heads, head_dim)
         # a score's error is <= (hd + 4) u sum|q||k|/sqrt(hd); the softmax weights inherit about twice
         # that relatively; the weighted sum of values adds (rows + 4) u. All times max|v|.
         rows = positions.max() + 1
@@ -85,7 +91,7 @@ def test_attention_at_position_zero_returns_the_first_value_row() -> None:
     k_cache = np.random.default_rng(4).standard_normal((5, 2 * 16)).astype(np.float32)
     v_cache = np.random.default_rng(5).standard_normal((5, 2 * 16)).astype(np.float32)
     out = np.zeros_like(q)
-    kernels.attention(q, k_cache, v_cache, np.array([0], np.int32), out, 4, 2, 16)
+    kernels.attention(q, transposed(k_cache, 2, 16), v_cache, np.array([0], np.int32), out, 4, 2, 16)
     # one key: weight 1; heads 0, 1 read kv head 0 and heads 2, 3 kv head 1
     expected = np.concatenate([v_cache[0, :16], v_cache[0, :16], v_cache[0, 16:], v_cache[0, 16:]])
     np.testing.assert_allclose(out[0], expected, rtol=4 * U)
@@ -93,30 +99,30 @@ def test_attention_at_position_zero_returns_the_first_value_row() -> None:
 
 def test_attention_checks_positions_heads_and_shapes() -> None:
     q, out = np.zeros((1, 8), np.float32), np.zeros((1, 8), np.float32)
-    cache = np.zeros((4, 8), np.float32)
+    keys, values = np.zeros((2, 4, 4), np.float32), np.zeros((4, 8), np.float32)
     with pytest.raises(IndexError, match=r"position 4 is outside the KV cache \(4 positions\)"):
-        kernels.attention(q, cache, cache, np.array([4], np.int32), out, 2, 2, 4)
+        kernels.attention(q, keys, values, np.array([4], np.int32), out, 2, 2, 4)
     with pytest.raises(IndexError, match="position -1 is outside the KV cache"):
-        kernels.attention(q, cache, cache, np.array([-1], np.int32), out, 2, 2, 4)
+        kernels.attention(q, keys, values, np.array([-1], np.int32), out, 2, 2, 4)
     with pytest.raises(ValueError, match="n_heads must be a multiple of n_kv_heads"):
         kernels.attention(
             np.zeros((1, 12), np.float32),
-            np.zeros((4, 8), np.float32),
-            np.zeros((4, 8), np.float32),
+            keys,
+            values,
             np.array([0], np.int32),
             np.zeros((1, 12), np.float32),
             3,
             2,
             4,
         )
-    with pytest.raises(ValueError, match=r"k_cache must have shape \(seq_len, n_kv_heads \* head_dim\)"):
-        kernels.attention(q, np.zeros((4, 4), np.float32), cache, np.array([0], np.int32), out, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"k_cache must have shape \(n_kv_heads, head_dim, seq_len\)"):
+        kernels.attention(q, np.zeros((4, 8), np.float32), values, np.array([0], np.int32), out, 2, 2, 4)
     with pytest.raises(
         ValueError, match=r"q and out must have shape \(len\(positions\), n_heads \* head_dim\)"
     ):
-        kernels.attention(q, cache, cache, np.array([0, 1], np.int32), out, 2, 2, 4)
-    with pytest.raises(ValueError, match="k_cache and v_cache must have the same number of elements"):
-        kernels.attention(q, cache, np.zeros((3, 8), np.float32), np.array([0], np.int32), out, 2, 2, 4)
+        kernels.attention(q, keys, values, np.array([0, 1], np.int32), out, 2, 2, 4)
+    with pytest.raises(ValueError, match=r"v_cache must have shape \(seq_len, n_kv_heads \* head_dim\)"):
+        kernels.attention(q, keys, np.zeros((3, 8), np.float32), np.array([0], np.int32), out, 2, 2, 4)
 
 
 # ---- MoE gating -----------------------------------------------------------------------------------

@@ -293,10 +293,12 @@ void bind_kernels(py::module_& m) {
         const ssize_t B = positions.size();
         if (q.size() != B * n_heads * head_dim || out.size() != q.size())
             throw py::value_error("q and out must have shape (len(positions), n_heads * head_dim)");
-        if (k_cache.ndim() != 2 || k_cache.shape(1) != static_cast<ssize_t>(n_kv_heads) * head_dim)
-            throw py::value_error("k_cache must have shape (seq_len, n_kv_heads * head_dim)");
-        check_same_size(k_cache, v_cache, "k_cache", "v_cache");
-        const int seq_len = static_cast<int>(k_cache.shape(0));
+        if (k_cache.ndim() != 3 || k_cache.shape(0) != n_kv_heads || k_cache.shape(1) != head_dim)
+            throw py::value_error("k_cache must have shape (n_kv_heads, head_dim, seq_len): keys transposed");
+        const int seq_len = static_cast<int>(k_cache.shape(2));
+        if (v_cache.ndim() != 2 || v_cache.shape(0) != seq_len ||
+            v_cache.shape(1) != static_cast<ssize_t>(n_kv_heads) * head_dim)
+            throw py::value_error("v_cache must have shape (seq_len, n_kv_heads * head_dim)");
         py::gil_scoped_release nogil;
         attention(qp, kp, vp, pp, static_cast<int>(B), n_heads, n_kv_heads, head_dim, seq_len, op);
     }, py::arg("q"), py::arg("k_cache"), py::arg("v_cache"), py::arg("positions"), py::arg("out"), py::arg("n_heads"),
