@@ -4,8 +4,9 @@ Model: random weights in Llama 3.2 1B's shape (dim 2048, 16 layers, 32 heads, 8 
 hidden 8192, vocab 128256), q40 with q80 activations; made once and cached (model_cache.py).
 For 1 and 2 threads it measures generation (64 tokens, EOS ignored) and prompt processing (a
 128-token prompt), the bandwidth limit (read bandwidth / weight bytes read per token) and the
-time the Python side adds per token (the same forward pass on a twin model whose kernels take
-almost no time). Prints a table and writes JSON (--json PATH).
+time the Python side adds per token (the same forward pass on a tiny-width twin model with the
+C++ kernels replaced by no-ops; the twin's time with its real kernels, which adds the thread
+pool's dispatch, is reported beside it). Prints a table and writes JSON (--json PATH).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import measure_bandwidth  # noqa: E402
 from model_cache import llama_1b_q40, tiny_twin  # noqa: E402
 
+from dllama_py import kernels  # noqa: E402
 from dllama_py.engine import LocalEngine  # noqa: E402
 from dllama_py.formats.model_file import tensor_specs  # noqa: E402
 
@@ -73,10 +75,25 @@ def measure(model: Path, threads: int, gen_tokens: int, prompt_tokens: int, repe
     return result
 
 
-def python_overhead_ms(model: Path, threads: int, tokens: int = 200) -> float:
+KERNEL_CALLS = ("matmul", "matmul_many", "rms_norm", "rope", "attention", "silu", "gelu", "mul", "add",
+                "add_q80", "quantize_q80_into", "embedding", "softmax")
+
+
+def python_overhead_ms(model: Path, threads: int, tokens: int = 200, kernels_off: bool = True) -> float:
+    """Median ms per token of the forward pass of a tiny-width twin model. With kernels_off the
+    C++ kernels are replaced by no-ops, so what remains is the time the Python side adds;
+    without, it also counts the tiny kernels and the thread pool's dispatch."""
     engine = LocalEngine(model, threads=threads, max_seq_len=512)
     engine.step([1], 0, need="argmax")
-    per_token = gen_seconds_per_token(engine, tokens, 1)
+    saved = {name: getattr(kernels, name) for name in KERNEL_CALLS}
+    try:
+        if kernels_off:
+            for name in KERNEL_CALLS:
+                setattr(kernels, name, lambda *args, **kw: None)
+        per_token = gen_seconds_per_token(engine, tokens, 1)
+    finally:
+        for name, fn in saved.items():
+            setattr(kernels, name, fn)
     engine.close()
     return statistics.median(per_token) * 1e3
 
@@ -100,20 +117,23 @@ def main(argv: list[str] | None = None) -> int:
         twin = tiny_twin(engine.config)
         engine.close()
         overhead = python_overhead_ms(twin, threads)
+        twin_ms = python_overhead_ms(twin, threads, kernels_off=False)
         limit = bandwidth * 1e9 / r["weight_bytes_per_token"]
         row = {"model": model.name, "threads": threads, **r, "python_overhead_ms_per_token": overhead,
+               "twin_model_ms_per_token": twin_ms,
                "read_bandwidth_gbs": bandwidth, "bandwidth_limit_tokens_per_s": limit,
                "fraction_of_bandwidth_limit": r["gen_tokens_per_s"] / limit,
                "prompt_vs_gen": r["prompt_tokens_per_s"] / r["gen_tokens_per_s"],
                "python_overhead_fraction": overhead / (1e3 / r["gen_tokens_per_s"])}
         rows.append(row)
     print(f"{'threads':>7} {'gen tok/s':>9} {'limit':>7} {'% limit':>7} {'prompt tok/s':>12} {'prompt/gen':>10}"
-          f" {'py ms/tok':>9} {'py %':>5} {'read GB/s':>9} {'MB/tok':>7}")
+          f" {'py ms/tok':>9} {'py %':>5} {'twin ms':>7} {'read GB/s':>9} {'MB/tok':>7}")
     for r in rows:
         print(f"{r['threads']:>7} {r['gen_tokens_per_s']:>9.2f} {r['bandwidth_limit_tokens_per_s']:>7.2f}"
               f" {100 * r['fraction_of_bandwidth_limit']:>6.1f}% {r['prompt_tokens_per_s']:>12.2f}"
               f" {r['prompt_vs_gen']:>10.2f} {r['python_overhead_ms_per_token']:>9.3f}"
-              f" {100 * r['python_overhead_fraction']:>4.1f}% {r['read_bandwidth_gbs']:>9.1f}"
+              f" {100 * r['python_overhead_fraction']:>4.1f}% {r['twin_model_ms_per_token']:>7.3f}"
+              f" {r['read_bandwidth_gbs']:>9.1f}"
               f" {r['weight_bytes_per_token'] / 1e6:>7.1f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
