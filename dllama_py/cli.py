@@ -198,6 +198,9 @@ def cmd_inference(args: argparse.Namespace) -> int:
             log_stderr(f"note: {note}")
         log_stderr(f"weights {engine.info.weight_type}, buffer {engine.info.buffer_type}, "
                    f"context {engine.info.seq_len}, threads {engine.info.threads}")
+        if len(prompt_ids) > engine.seq_len:
+            raise UserError(f"the prompt has {len(prompt_ids)} tokens but the context holds {engine.seq_len} "
+                            "(raise --max-seq-len if the model allows)")
         generator = Generator(engine, tokenizer, args.nbatches)
         sampler = Sampler(args.temperature, args.topp, args.seed)
         out = sys.stdout

@@ -229,6 +229,7 @@ def test_generation_stops_when_the_context_is_full(stories: StoriesFiles) -> Non
 def test_prompt_longer_than_the_context_is_a_one_line_error(stories: StoriesFiles) -> None:
     result = run_inference(stories, "--prompt", CASES[0]["prompt"], "--steps", "8", "--max-seq-len", "4")
     assert_one_line_error(result, "5 tokens", "4")
+    assert result.stdout == ""  # nothing printed before the error
 
 
 def test_missing_model_file_is_named(stories: StoriesFiles, tmp_path: Path) -> None:
