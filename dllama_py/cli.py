@@ -49,6 +49,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep the KV cache in RAM or in a memory-mapped temporary file (default ram)")
     p.add_argument("--nbatches", type=int, default=32, metavar="N",
                    help="prompt tokens evaluated together in one batch (default 32)")
+    p.add_argument("--mmap-weights", action="store_true",
+                   help="keep this node's weights memory-mapped from the model file instead of loading them "
+                        "into RAM (for machines whose RAM cannot also hold the page cache; slower)")
     p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
                    help="worker nodes to run the model on together with this one (tensor parallel)")
     p.add_argument("--secret", default=None,
@@ -145,11 +148,12 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
         secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
         return ClusterEngine(args.model, args.workers, threads=args.nthreads, buffer_type=args.buffer_float_type,
                              max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage,
-                             max_batch=args.nbatches, secret=secret, log=log)
+                             max_batch=args.nbatches, secret=secret, log=log, mmap_weights=args.mmap_weights)
     from dllama_py.engine import LocalEngine
 
     return LocalEngine(args.model, threads=args.nthreads, buffer_type=args.buffer_float_type,
-                       max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage, max_batch=args.nbatches)
+                       max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage, max_batch=args.nbatches,
+                       mmap_weights=args.mmap_weights)
 
 
 def check_vocab(engine, tokenizer) -> None:

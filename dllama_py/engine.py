@@ -117,15 +117,24 @@ def default_buffer_type(config: ModelConfig) -> str:
     return "q80" if config.weight_float_type in (FloatType.Q40, FloatType.Q80) else "f32"
 
 
-def load_node_weights(model: ModelFile, plan: Plan, node: int) -> dict[str, np.ndarray]:
-    """Node `node`'s slice of every tensor it holds: row slices are views of the mapped file,
-    column slices contiguous copies (the embedding stays with the root)."""
+def load_node_weights(model: ModelFile, plan: Plan, node: int, mmap_weights: bool = False,
+                      progress: bool = True) -> dict[str, np.ndarray]:
+    """Node `node`'s slice of every tensor it holds (the embedding stays in the mapped file, with
+    the root). By default every slice is copied into anonymous memory, which numpy backs with
+    huge pages: the kernels then stream weights about 14% faster than from the file's page
+    cache (fewer TLB misses). With mmap_weights, row slices stay views of the mapped file (less
+    RAM when the page cache cannot also hold the model; slower)."""
+    from tqdm import tqdm
+
+    tensors = [t for t in model if plan.cut(t.name, node).kind != "root"]
+    total = plan.node_weight_bytes(node) - (model["embedding"].nbytes if node == 0 else 0)
     out = {}
-    for tensor in model:
-        cut = plan.cut(tensor.name, node)
-        if cut.kind == "root":
-            continue
-        out[tensor.name] = cut_tensor(tensor.data, tensor.float_type, cut)
+    with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", leave=False,
+              disable=not progress or mmap_weights or total < (256 << 20)) as bar:
+        for tensor in tensors:
+            part = cut_tensor(tensor.data, tensor.float_type, plan.cut(tensor.name, node))
+            out[tensor.name] = part if mmap_weights else np.array(part)
+            bar.update(part.nbytes)
     return out
 
 
@@ -142,7 +151,7 @@ class LocalEngine:
 
     def __init__(self, model_path: str | os.PathLike[str], threads: int | None = None,
                  buffer_type: str | None = None, max_seq_len: int | None = None,
-                 kv_storage: str = "ram", max_batch: int = 32) -> None:
+                 kv_storage: str = "ram", max_batch: int = 32, mmap_weights: bool = False) -> None:
         self.model = open_model(model_path)
         self.config = self.model.config
         self.buffer_type = buffer_type or default_buffer_type(self.config)
@@ -154,7 +163,7 @@ class LocalEngine:
         self.seq_len, note = choose_seq_len(self.config, self.plan, max_seq_len)
         self.max_batch = max_batch
         self.embedding = self.model["embedding"]
-        weights = load_node_weights(self.model, self.plan, 0)
+        weights = load_node_weights(self.model, self.plan, 0, mmap_weights)
         sync = LocalSync(self.buffer_type, max_batch, self.config.dim)
         self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage)
         self.x = np.zeros((max_batch, self.config.dim), dtype=np.float32)

@@ -208,6 +208,13 @@ def test_kv_cache_on_disk_gives_identical_ids(stories: StoriesFiles) -> None:
     assert generated_ids(lines) == case["generated_ids"]
 
 
+def test_memory_mapped_weights_give_identical_ids(stories: StoriesFiles) -> None:
+    case = CASES[1]
+    lines = inference_json(stories, "--prompt", case["prompt"], "--steps", str(generation_budget(case)),
+                           "--temperature", "0", "--mmap-weights")
+    assert generated_ids(lines) == case["generated_ids"]
+
+
 def test_prompt_in_batches_of_three_gives_identical_ids(stories: StoriesFiles) -> None:
     case = CASES[0]
     lines = inference_json(stories, "--prompt", case["prompt"], "--steps", str(generation_budget(case)),

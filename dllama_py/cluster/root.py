@@ -42,7 +42,7 @@ class ClusterEngine:
     def __init__(self, model_path: str | os.PathLike[str], workers: list[str], threads: int | None = None,
                  buffer_type: str | None = None, max_seq_len: int | None = None, kv_storage: str = "ram",
                  max_batch: int = 32, secret: str | None = None, log: Callable[[str], None] = print,
-                 timeout_ms: int = DEFAULT_TIMEOUT_MS, progress: bool = True) -> None:
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS, progress: bool = True, mmap_weights: bool = False) -> None:
         addresses = list(workers)
         for address in addresses:
             p.parse_address(address)
@@ -66,7 +66,7 @@ class ClusterEngine:
         try:
             self._ship_weights(progress)
             self.mesh.reset_counters()  # per-step traffic starts here (workers reset too)
-            weights = load_node_weights(self.model, self.plan, 0)
+            weights = load_node_weights(self.model, self.plan, 0, mmap_weights, progress)
             self.sync = MeshSync(self.mesh, 0, self.plan.n_nodes, self.buffer_type, max_batch, c.dim)
             self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage)
         except BaseException:
