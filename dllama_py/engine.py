@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,7 +194,3 @@ class LocalEngine:
         self.forward.close()
         self._last = None
 
-
-def warn(message: str) -> None:
-    """One line on stderr for the user."""
-    print(f"warning: {message}", file=sys.stderr)
