@@ -62,7 +62,8 @@ class KVCache:
         if storage == "disk":
             fd, self.path = tempfile.mkstemp(prefix="dllama-kv-", suffix=".bin")
             os.close(fd)
-            both = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(2, n_layers * seq_len * n_kv_heads * head_dim))
+            size = n_layers * seq_len * n_kv_heads * head_dim
+            both = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(2, size))
             self.keys = both[0].reshape(keys_shape)
             self.values = both[1].reshape(values_shape)
         elif storage == "ram":
@@ -191,7 +192,8 @@ class NodeForward:
             kernels.rope(k, positions, self.inv_freq, self.slice.n_kv_heads, c.head_dim, self.rope_style)
             self.cache.store(index, pos0, k, v)
             att = self.att[:B]
-            kernels.attention(q, self.cache.keys[index], self.cache.values[index], positions, att, self.slice.n_heads, self.slice.n_kv_heads,
+            kernels.attention(q, self.cache.keys[index], self.cache.values[index], positions, att,
+                              self.slice.n_heads, self.slice.n_kv_heads,
                               c.head_dim)
             kernels.matmul(self._input(att), layer.wo, self.wtype, partial)
             self.sync.reduce_add(partial, x, layer.attention_label)
