@@ -361,3 +361,25 @@ def test_a_root_that_dies_sends_its_workers_back_to_waiting(stories):
         engine.close()
     finally:
         worker.stop()
+
+
+def test_a_second_root_is_told_at_once_that_the_worker_is_busy(stories):
+    model, _ = stories
+    worker = WorkerProcess()
+    try:
+        first = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        start = time.monotonic()
+        with pytest.raises(EngineError) as error:
+            ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        assert time.monotonic() - start < 3.0
+        assert worker.address in str(error.value) and "busy" in str(error.value)
+        first.step([1, 403], 0, need="argmax")  # the first session is unaffected
+        assert first.argmax() == 407
+        first.close()
+        worker.wait_for_line("waiting for the next root")
+        second = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        second.step([1, 403], 0, need="argmax")
+        assert second.argmax() == 407
+        second.close()
+    finally:
+        worker.stop()

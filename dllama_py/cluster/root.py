@@ -274,12 +274,18 @@ class ClusterEngine:
         return int(np.argmax(logits if logits.ndim == 1 else logits[-1]))
 
     def close(self) -> None:
-        """End the session on every worker (they go back to waiting) and free the cache."""
+        """End the session on every worker and wait (briefly) until each has closed its side, so
+        that when this returns the workers are ready for the next root; free the cache."""
         try:
             if not self.mesh.closed:
                 for node in range(1, self.plan.n_nodes):
                     try:
                         self.mesh.send_message(node, p.pack(p.MsgType.END), "ending the session")
+                    except ConnectionError:
+                        pass
+                for node in range(1, self.plan.n_nodes):
+                    try:
+                        self.mesh.wait_readable(node, 5000)  # the worker closing its end reads as EOF
                     except ConnectionError:
                         pass
         finally:

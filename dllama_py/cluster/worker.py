@@ -11,6 +11,7 @@ import gc
 import socket
 import struct
 import sys
+import threading
 import time
 
 import numpy as np
@@ -115,6 +116,7 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
         fds[j] = sock.detach()
     mesh = _core.Mesh(me, plan.n_nodes, fds, names, setup.timeout_ms)
     forward = None
+    busy = BusyResponder(listener, f"busy with root {conn_name(names[0])}")
     try:
         start = time.perf_counter()
         weights = receive_weights(mesh, plan, me)
@@ -126,9 +128,48 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
         forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage)
         follow_root(mesh, plan, me, forward, setup)
     finally:
+        busy.stop()
         mesh.close()
         if forward is not None:
             forward.close()
+
+
+def conn_name(name: str) -> str:
+    return name.removeprefix("root ")
+
+
+class BusyResponder:
+    """While a session runs, answers every other root at once that this worker is busy,
+    instead of leaving it waiting for a handshake."""
+
+    def __init__(self, listener: socket.socket, reason: str) -> None:
+        self.listener, self.reason = listener, reason
+        self.stopping = threading.Event()
+        listener.settimeout(0.05)  # how soon stop() takes effect
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                sock, addr = self.listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            try:
+                sock.settimeout(2.0)
+                p.send_frame(sock, p.pack(p.MsgType.HELLO_WORKER, p.new_nonce()))
+                p.unpack(p.recv_frame(sock), p.MsgType.HELLO_ROOT)
+                p.send_frame(sock, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.BUSY]) + bytes(32)))
+                log(f"told root {addr[0]}:{addr[1]} that this worker is {self.reason}")
+            except (p.ProtocolError, OSError) as error:
+                log(f"refused connection from {addr[0]}:{addr[1]} during a session: {error}")
+            finally:
+                sock.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
+        self.listener.settimeout(None)
 
 
 def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, setup: p.Setup) -> None:
