@@ -41,8 +41,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nthreads", type=int, default=None, metavar="K",
                    help="compute threads on this node (default: all cores)")
     p.add_argument("--buffer-float-type", choices=("f32", "q80"), default=None,
-                   help="type of the activations exchanged between nodes (default: q80 for q40/q80 "
-                        "weights, f32 otherwise)")
+                   help="type of the activations exchanged between nodes (default on a cluster: q80 for "
+                        "q40/q80 weights, f32 otherwise; one node sums in f32 unless q80 is asked for)")
     p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
                    help="context length (KV cache size); default: the model's, capped to fit in memory")
     p.add_argument("--kv-cache-storage", choices=("ram", "disk"), default="ram",

@@ -112,7 +112,7 @@ def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node:
 
 
 def default_buffer_type(config: ModelConfig) -> str:
-    """q80 for quantized weights (as distributed-llama requires), f32 otherwise."""
+    """A cluster's buffer type: q80 for quantized weights (as distributed-llama requires), f32 otherwise."""
     return "q80" if config.weight_float_type in (FloatType.Q40, FloatType.Q80) else "f32"
 
 
@@ -146,14 +146,16 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
 
 
 class LocalEngine:
-    """The whole model on this computer: one node, memory-mapped weights."""
+    """The whole model on this computer: one node. Partial sums are added in f32 unless
+    buffer_type='q80' asks for a cluster's rounding."""
 
     def __init__(self, model_path: str | os.PathLike[str], threads: int | None = None,
                  buffer_type: str | None = None, max_seq_len: int | None = None,
                  kv_storage: str = "ram", max_batch: int = 32, mmap_weights: bool = False) -> None:
         self.model = open_model(model_path)
         self.config = self.model.config
-        self.buffer_type = buffer_type or default_buffer_type(self.config)
+        # One node has no wire: partial sums need no rounding unless asked for (to match a cluster).
+        self.buffer_type = buffer_type or "f32"
         if self.buffer_type not in BUFFER_TYPES:
             raise EngineError(f"--buffer-float-type must be one of {', '.join(BUFFER_TYPES)}")
         if threads is not None:
