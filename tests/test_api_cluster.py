@@ -67,3 +67,23 @@ def test_worker_death_ends_the_request_then_the_server_reconnects(stories_files,
         worker.stop()
         if replacement is not None:
             replacement.stop()
+
+
+def test_health_notices_a_worker_that_dies_while_the_server_is_idle(stories_files, tmp_path):
+    port = free_port()
+    worker = Worker(port, tmp_path / "worker.log")
+    api = ApiServer(*stories_files, tmp_path / "api.log", "--workers", worker.address, "--reconnect-interval", "0.3")
+    replacement = None
+    try:
+        assert api.health().json()["status"] == "ok"
+        worker.kill()  # no request is running or coming
+        status = api.wait_health(ok=False)
+        assert status["workers"] == [{"address": worker.address, "connected": False}]
+        assert "closed its connection while idle" in api.log() or status["error"]
+        replacement = Worker(port, tmp_path / "worker2.log")
+        assert api.wait_health(ok=True)["nodes"] == 2
+    finally:
+        api.stop()
+        worker.stop()
+        if replacement is not None:
+            replacement.stop()

@@ -31,6 +31,8 @@ from dllama_py.generate import ContextFullError, Generator, TokenEvent
 from dllama_py.sampler import Sampler
 from dllama_py.tokenizer import Tokenizer
 
+IDLE_CHECK_S = 2.0  # how often an idle server checks that its workers are still there
+
 
 @dataclass
 class Outcome:
@@ -186,6 +188,17 @@ class GenerationService:
             self.log(f"dllama-api: the model is back after {self.reconnect_attempts} attempt(s)")
             return
 
+    def _check_idle_engine(self) -> None:
+        """While idle, notice workers that went away, so /health tells before a request fails."""
+        engine = self.engine
+        check = getattr(engine, "check_workers", None)
+        if check is None:
+            return
+        try:
+            check()
+        except EngineError as error:
+            self._engine_failed(error)
+
     # ---- requests ---------------------------------------------------------------------------
     def unavailable_error(self) -> ApiError:
         return ApiError(
@@ -263,7 +276,11 @@ class GenerationService:
     # ---- the generation thread --------------------------------------------------------------
     def _serve_forever(self) -> None:
         while True:
-            job = self._queue.get()
+            try:
+                job = self._queue.get(timeout=IDLE_CHECK_S)
+            except queue.Empty:
+                self._check_idle_engine()
+                continue
             if job is None:
                 return
             self._running = job

@@ -273,6 +273,17 @@ class ClusterEngine:
         logits = self.logits()
         return int(np.argmax(logits if logits.ndim == 1 else logits[-1]))
 
+    def check_workers(self) -> None:
+        """Between steps, raise EngineError naming any worker whose connection closed (it died or
+        restarted): an idle worker never sends anything, so readable means gone."""
+        for node in range(1, self.plan.n_nodes):
+            try:
+                gone = self.mesh.wait_readable(node, 0)
+            except ConnectionError as error:
+                raise EngineError(f"the cluster failed: {error}") from None
+            if gone:
+                raise EngineError(f"worker {self.addresses[node]} closed its connection while idle")
+
     def close(self) -> None:
         """End the session on every worker and wait (briefly) until each has closed its side, so
         that when this returns the workers are ready for the next root; free the cache."""
