@@ -93,7 +93,7 @@ PreparedQ80 prepare_q80(const BlockQ80* x, int B, int nb, int offset, bool split
     if (s.scale.size() < total) s.scale.resize(total);
     float* scale = s.scale.data();
     for (size_t i = 0; i < total; i++) scale[i] = f16_lut(x[i].d);
-    PreparedQ80 p{x, scale, nullptr, nullptr, nullptr, nullptr, nullptr};
+    PreparedQ80 p{x, scale, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
     if (lanes_min_batch > 0 && B >= lanes_min_batch) {
         prepare_lanes(x, B, nb, s, p);
         return p;
@@ -201,6 +201,58 @@ void matmul_q80_many(const BlockQ80* x, int B, int n_blocks, bool q80_weights, i
         }
     };
     parallel_rows(total, static_cast<size_t>(total) * n_blocks * QK, run);
+}
+
+// Scales and block sums of the input for Q40x16 weights.
+PreparedQ80 prepare_q80_x16(const BlockQ80* x, int B, int nb) {
+    PrepScratch& s = t_prep;
+    const size_t total = static_cast<size_t>(B) * nb;
+    if (s.scale.size() < total) s.scale.resize(total);
+    if (s.bias.size() < total) s.bias.resize(total);
+    float* scale = s.scale.data();
+    int32_t* sums = s.bias.data();
+    for (size_t i = 0; i < total; i++) {
+        scale[i] = f16_lut(x[i].d);
+        int sum = 0;
+        for (int j = 0; j < QK; j++) sum += x[i].qs[j];
+        sums[i] = sum;
+    }
+    return PreparedQ80{x, scale, nullptr, nullptr, nullptr, nullptr, nullptr, sums};
+}
+
+void repack_q40x16(const BlockQ40* w, int rows, int nb, BlockQ40x16* out) {
+    const int groups = (rows + 15) / 16;
+    parallel_blocks(static_cast<size_t>(groups), static_cast<size_t>(rows) * nb * QK, [&](size_t g0, size_t g1) {
+        for (size_t g = g0; g < g1; g++) {
+            for (int k = 0; k < nb; k++) {
+                BlockQ40x16& o = out[g * nb + k];
+                std::memset(&o, 0, sizeof(o));
+                for (int r = 0; r < 16; r++) {
+                    const size_t row = g * 16 + r;
+                    if (row >= static_cast<size_t>(rows)) break;
+                    const BlockQ40& b = w[row * nb + k];
+                    o.d[r] = b.d;
+                    for (int c = 0; c < 4; c++) std::memcpy(o.qs[c][r], b.qs + 4 * c, 4);
+                }
+            }
+        }
+    });
+}
+
+void matmul_q80_q40x16_f32(const BlockQ80* x, const BlockQ40x16* w, float* y, int B, int rows, int n_blocks) {
+    const KernelTable& k = active_kernels();
+    const PreparedQ80 p = prepare_q80_x16(x, B, n_blocks);
+    const int groups = (rows + 15) / 16;
+    ThreadPool& pool = global_pool();
+    if (pool.size() == 1 || static_cast<size_t>(rows) * n_blocks * QK < 16384) {
+        k.matmul_q80_q40x16_f32(p, w, y, B, rows, n_blocks, 0, groups);
+        return;
+    }
+    pool.run([&](int t, int nt) {
+        int64_t b, e;
+        split_range(groups, t, nt, 1, &b, &e);
+        if (b < e) k.matmul_q80_q40x16_f32(p, w, y, B, rows, n_blocks, static_cast<int>(b), static_cast<int>(e));
+    });
 }
 
 void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks) {

@@ -28,6 +28,7 @@ struct PreparedQ80 {
     const int8_t* lanes;       // [G][nb][8][64] with the lanes layout, else null
     const int32_t* lane_bias;  // [G][nb][16]: -8 * (sum of the block's values) per row
     const float* lane_scale;   // [G][nb][16]: the block's scale per row (0 for padding rows)
+    const int32_t* block_sum;  // [B][nb]: sum of the block's 32 values (for Q40x16 weights), else null
 };
 
 // Single-threaded kernels over output rows [r0, r1); x has B rows, y is [B][rows].
@@ -40,6 +41,9 @@ struct KernelTable {
                                int r1);
     void (*matmul_q80_q80_f32)(const PreparedQ80& x, const BlockQ80* w, float* y, int B, int rows, int nb, int r0,
                                int r1);
+    // Q40x16 weights (groups of 16 rows): output rows [16*g0, min(16*g1, rows)).
+    void (*matmul_q80_q40x16_f32)(const PreparedQ80& x, const BlockQ40x16* w, float* y, int B, int rows, int nb,
+                                  int g0, int g1);
     void (*quantize_q80)(const float* x, BlockQ80* y, size_t n_blocks);
     float (*dot_f32)(const float* a, const float* b, int n);
     void (*axpy_f32)(float a, const float* x, float* y, int n);  // y += a * x
@@ -53,6 +57,7 @@ struct KernelTable {
     int q80_bias_offset;
     bool q40_split_layout;  // Q40 matmul reads PreparedQ80::split and 4-lane biases
     int q40_lanes_min_batch;  // from this batch size on, Q40 matmul reads the lanes layout (0: never)
+    bool q40x16_fast;         // this path has a fast Q40x16 kernel (the engine repacks Q40 weights for it)
 };
 
 const KernelTable* kernels_scalar();
@@ -63,6 +68,10 @@ const KernelTable* kernels_neon();
 
 // The table in use (set by cpu_features.cpp from the CPU, DLLAMA_ISA or set_isa()).
 const KernelTable& active_kernels();
+
+// The reference Q40x16 kernel (any path without its own).
+void matmul_q80_q40x16_ref(const PreparedQ80& x, const BlockQ40x16* w, float* y, int B, int rows, int nb, int g0,
+                           int g1);
 
 // Scalar helpers shared by the SIMD paths for their tails.
 float dot_q80_q40_block(const BlockQ80& x, const BlockQ40& w);

@@ -188,7 +188,7 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
 
 const KernelTable kTable = {
     "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 8, 0, false, 0,
+    matmul_q80_q40x16_ref, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 8, 0, false, 0, false,
 };
 
 }  // namespace

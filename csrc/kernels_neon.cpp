@@ -290,7 +290,7 @@ void axpy_f32(float a, const float* x, float* y, int n) {
 
 const KernelTable kTable = {
     "neon", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 0, 0, false, 0,
+    matmul_q80_q40x16_ref, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 0, 0, false, 0, false,
 };
 
 }  // namespace

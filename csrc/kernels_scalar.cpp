@@ -23,6 +23,26 @@ float dot_q80_q80_block(const BlockQ80& x, const BlockQ80& w) {
     return static_cast<float>(sum) * f16_lut(w.d) * f16_lut(x.d);
 }
 
+void matmul_q80_q40x16_ref(const PreparedQ80& x, const BlockQ40x16* w, float* y, int B, int rows, int nb, int g0,
+                           int g1) {
+    for (int g = g0; g < g1; g++) {
+        for (int r = 0; r < 16 && 16 * g + r < rows; r++) {
+            for (int b = 0; b < B; b++) {
+                float s = 0.0f;
+                for (int k = 0; k < nb; k++) {
+                    const BlockQ40x16& blk = w[static_cast<size_t>(g) * nb + k];
+                    BlockQ40 one;
+                    one.d = blk.d[r];
+                    for (int c = 0; c < 4; c++)
+                        for (int j = 0; j < 4; j++) one.qs[4 * c + j] = blk.qs[c][r][j];
+                    s += dot_q80_q40_block(x.blocks[static_cast<size_t>(b) * nb + k], one);
+                }
+                y[static_cast<size_t>(b) * rows + 16 * g + r] = s;
+            }
+        }
+    }
+}
+
 namespace {
 
 void matmul_f32_f32_f32(const float* x, const float* w, float* y, int B, int rows, int cols, int r0, int r1) {
@@ -80,6 +100,7 @@ const KernelTable kTable = {
     matmul_f32_f16_f32,
     matmul_q80<BlockQ40, dot_q80_q40_block>,
     matmul_q80<BlockQ80, dot_q80_q80_block>,
+    matmul_q80_q40x16_ref,
     quantize_q80_ref,
     dot_f32,
     axpy_f32,
@@ -89,6 +110,7 @@ const KernelTable kTable = {
     0,
     false,
     0,
+    false,
 };
 
 }  // namespace

@@ -21,6 +21,10 @@ void matmul_f32_f32_f32(const float* x, const float* w, float* y, int B, int row
 void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int rows, int cols);
 void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks);
 void matmul_q80_q80_f32(const BlockQ80* x, const BlockQ80* w, float* y, int B, int rows, int n_blocks);
+// Q40 weights regrouped 16 rows at a time (for the paths that put weight rows in vector lanes);
+// out holds ceil(rows/16) * nb blocks.
+void repack_q40x16(const BlockQ40* w, int rows, int nb, BlockQ40x16* out);
+void matmul_q80_q40x16_f32(const BlockQ80* x, const BlockQ40x16* w, float* y, int B, int rows, int n_blocks);
 // Several matrices against one input (q/k/v, or w1/w3): the input is prepared once and the rows
 // of all of them are split over the pool together. ws[m] holds rows[m] rows of Q40 (or Q80) blocks.
 void matmul_q80_many(const BlockQ80* x, int B, int n_blocks, bool q80_weights, int n_mats, const void* const* ws,

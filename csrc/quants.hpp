@@ -18,6 +18,15 @@ struct BlockQ80 {
     uint16_t d;  // fp16 scale
     int8_t qs[QK];
 };
+// Q40 weights of 16 consecutive rows, one block column: the 16 scales, then the rows' nibble
+// bytes in 4-byte quads: qs[c][r] holds bytes 4c..4c+3 of row r's block (values 4c..4c+3 in the
+// low nibbles, 16+4c..16+4c+3 in the high ones). A matmul puts the 16 rows in vector lanes.
+// Same size as 16 Q40 blocks; rows past the matrix's end are zero.
+struct BlockQ40x16 {
+    uint16_t d[16];
+    uint8_t qs[4][16][4];
+};
+static_assert(sizeof(BlockQ40x16) == 16 * 18, "Q40x16 block must hold 16 Q40 blocks");
 static_assert(sizeof(BlockQ40) == 18, "Q40 block must be 18 bytes");
 static_assert(sizeof(BlockQ80) == 34, "Q80 block must be 34 bytes");
 

@@ -43,6 +43,9 @@ def matmul_f32_f32_f32(x: F32, w: F32, y: F32) -> None: ...  # x (B, cols), w (r
 def matmul_f32_f16_f32(x: F32, w: U16, y: F32) -> None: ...  # w (rows, cols) fp16 bits
 def matmul_q80_q40_f32(x: U8, w: U8, y: F32) -> None: ...  # x (B, cols/32*34), w (rows, cols/32*18)
 def matmul_q80_q80_f32(x: U8, w: U8, y: F32) -> None: ...  # x (B, cols/32*34), w (rows, cols/32*34)
+def repack_q40x16(w: U8) -> U8: ...  # Q40 (rows, cols/32*18) -> (ceil(rows/16), cols/32*288), 16 rows per group
+def matmul_q80_q40x16_f32(x: U8, w: U8, y: F32) -> None: ...  # y (B, rows); w from repack_q40x16
+def q40x16_fast() -> bool: ...  # the active SIMD path has a fast Q40x16 kernel
 def matmul_q80_many(x: U8, ws: list[U8], ys: list[F32], q80_weights: bool) -> None: ...  # one input, several W
 
 # ---- forward-pass ops (in place where the output is the input) ---------------------------

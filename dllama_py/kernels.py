@@ -51,6 +51,9 @@ matmul_f32_f32_f32 = _core.matmul_f32_f32_f32
 matmul_f32_f16_f32 = _core.matmul_f32_f16_f32
 matmul_q80_q40_f32 = _core.matmul_q80_q40_f32
 matmul_q80_q80_f32 = _core.matmul_q80_q80_f32
+matmul_q80_q40x16_f32 = _core.matmul_q80_q40x16_f32
+repack_q40x16 = _core.repack_q40x16
+q40x16_fast = _core.q40x16_fast
 
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
 
@@ -107,6 +110,9 @@ def matmul_many(x: np.ndarray, ws: list[np.ndarray], weight_type: str, ys: list[
     w1/w3): block weights prepare x once and run in one pass over the thread pool."""
     if weight_type in ("q40", "q80"):
         _core.matmul_q80_many(x, ws, ys, weight_type == "q80")
+    elif weight_type == "q40x16":
+        for w, y in zip(ws, ys):
+            matmul_q80_q40x16_f32(x, w, y)
     else:
         for w, y in zip(ws, ys):
             matmul(x, w, weight_type, y)
@@ -125,5 +131,7 @@ def matmul(x: np.ndarray, w: np.ndarray, weight_type: str, y: npt.NDArray[np.flo
         matmul_q80_q40_f32(x, w, y)
     elif weight_type == "q80":
         matmul_q80_q80_f32(x, w, y)
+    elif weight_type == "q40x16":  # Q40 regrouped 16 rows at a time (repack_q40x16)
+        matmul_q80_q40x16_f32(x, w, y)
     else:
         raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")

@@ -5,6 +5,7 @@
 
 #include "arrays.hpp"
 #include "cpu_features.hpp"
+#include "kernels.hpp"
 #include "ops.hpp"
 #include "thread_pool.hpp"
 
@@ -170,6 +171,37 @@ void bind_kernels(py::module_& m) {
     m.def("matmul_q80_q40_f32", &bind_matmul_q<BlockQ40, matmul_q80_q40_f32>, py::arg("x"), py::arg("w"), py::arg("y"));
     m.def("matmul_q80_q80_f32", &bind_matmul_q<BlockQ80, matmul_q80_q80_f32>, py::arg("x"), py::arg("w"), py::arg("y"));
 
+    m.def("repack_q40x16", [](const py::array& w) {
+        const uint8_t* wp = in_ptr<uint8_t>(w, "w");
+        if (w.ndim() != 2) throw py::value_error("w must be 2-D (rows, cols/32*18)");
+        const ssize_t nb = blocks_of_bytes(w, "w", sizeof(BlockQ40));
+        const int rows = static_cast<int>(w.shape(0));
+        const ssize_t groups = (rows + 15) / 16;
+        py::array_t<uint8_t> out(std::vector<ssize_t>{groups, nb * static_cast<ssize_t>(sizeof(BlockQ40x16))});
+        uint8_t* op = out.mutable_data();
+        {
+            py::gil_scoped_release nogil;
+            repack_q40x16(reinterpret_cast<const BlockQ40*>(wp), rows, static_cast<int>(nb),
+                          reinterpret_cast<BlockQ40x16*>(op));
+        }
+        return out;
+    }, py::arg("w"), "Q40 weights (rows, cols/32*18) regrouped 16 rows at a time: (ceil(rows/16), cols/32*288)");
+    m.def("matmul_q80_q40x16_f32", [](const py::array& x, const py::array& w, py::array& y) {
+        const uint8_t* xp = in_ptr<uint8_t>(x, "x");
+        const uint8_t* wp = in_ptr<uint8_t>(w, "w");
+        float* yp = out_ptr<float>(y, "y");
+        const ssize_t nb = blocks_of_bytes(x, "x", sizeof(BlockQ80));
+        const ssize_t B = x.ndim() == 2 ? x.shape(0) : 1;
+        if (y.ndim() != 2 || y.shape(0) != B) throw py::value_error("y must have shape (batch, rows)");
+        const int rows = static_cast<int>(y.shape(1));
+        if (w.ndim() != 2 || w.shape(0) != (rows + 15) / 16 || w.shape(1) != nb * static_cast<ssize_t>(sizeof(BlockQ40x16)))
+            throw py::value_error("w must be Q40x16 weights of shape (ceil(rows/16), cols/32*288) for y's rows and x's cols");
+        py::gil_scoped_release nogil;
+        matmul_q80_q40x16_f32(reinterpret_cast<const BlockQ80*>(xp), reinterpret_cast<const BlockQ40x16*>(wp), yp,
+                              static_cast<int>(B), rows, static_cast<int>(nb));
+    }, py::arg("x"), py::arg("w"), py::arg("y"), "y (B, rows) = x @ W^T for Q40x16 weights");
+    m.def("q40x16_fast", []() { return active_kernels().q40x16_fast; },
+          "whether the SIMD path in use has a fast kernel for Q40x16 weights");
     m.def("matmul_q80_many", [](const py::array& x, const std::vector<py::array>& ws, std::vector<py::array> ys,
                                  bool q80_weights) {
         const uint8_t* xp = in_ptr<uint8_t>(x, "x");

@@ -225,7 +225,7 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
                 dequantize_q80_ref(xq.data(), xdq.data(), xq.size());
                 std::vector<float> xscale(xq.size());
                 for (size_t i = 0; i < xq.size(); i++) xscale[i] = f16_lut(xq[i].d);
-                const PreparedQ80 prep{xq.data(), xscale.data(), nullptr, nullptr, nullptr, nullptr, nullptr};
+                const PreparedQ80 prep{xq.data(), xscale.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
                 // Q40 weights: random nibbles and scales.
                 std::vector<BlockQ40> w40(static_cast<size_t>(rows) * nbk);
