@@ -1,4 +1,6 @@
-"""Kernel benchmark: memory read bandwidth and the Q40-weight / Q80-input matmul.
+"""Kernel benchmark: memory read bandwidth and the Q40-weight / Q80-input matmul, in the file's
+layout (`q40`) and, on paths with a kernel for it, regrouped 16 rows at a time (`q40x16`, what the
+engine uses there).
 
 Weights come from memory, not cache: every timing cycles through enough distinct matrices
 (at least --pool-gib GiB) that no matrix is still cached when it is used again.
@@ -49,17 +51,18 @@ def make_q40_pool(rows: int, cols: int, pool_bytes: int, rng: np.random.Generato
     return pool
 
 
-def time_matmul(pool: list[np.ndarray], x: np.ndarray, y: np.ndarray, min_seconds: float, repeats: int) -> float:
+def time_matmul(pool: list[np.ndarray], x: np.ndarray, y: np.ndarray, min_seconds: float, repeats: int,
+                layout: str = "q40") -> float:
     """Median seconds per matmul while cycling through the pool (one cycle = every matrix once)."""
     for w in pool[:2]:
-        kernels.matmul_q80_q40_f32(x, w, y)
+        kernels.matmul(x, w, layout, y)
     per_call = []
     for _ in range(repeats):
         calls = 0
         t0 = time.perf_counter()
         while True:
             for w in pool:
-                kernels.matmul_q80_q40_f32(x, w, y)
+                kernels.matmul(x, w, layout, y)
             calls += len(pool)
             elapsed = time.perf_counter() - t0
             if elapsed >= min_seconds:
@@ -87,33 +90,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"read bandwidth, {t} thread(s): {bandwidth[str(t)]:.1f} GB/s", flush=True)
 
     results = []
-    header = (f"{'shape':>12} {'B':>3} {'thr':>3} {'isa':>11} {'ms/matmul':>10} {'weight GB/s':>11}"
+    header = (f"{'shape':>12} {'B':>3} {'thr':>3} {'isa':>15} {'ms/matmul':>10} {'weight GB/s':>11}"
               f" {'% of read bw':>12} {'Gop/s':>8}")
     print(header)
     print("-" * len(header))
     for rows, cols in SHAPES:
         pool = make_q40_pool(rows, cols, int(args.pool_gib * GIB), rng)
         weight_bytes = pool[0].nbytes
+        # The engine regroups Q40 weights 16 rows at a time on paths with a fast kernel for that.
+        regrouped = []
+        for isa in isas:
+            kernels.set_isa(isa)
+            if kernels.q40x16_fast() and not regrouped:
+                regrouped = [kernels.repack_q40x16(w) for w in pool]
         for batch in args.batch:
             x = kernels.quantize_q80(rng.standard_normal((batch, cols), dtype=np.float32))
             y = np.zeros((batch, rows), dtype=np.float32)
             for isa in isas:
                 kernels.set_isa(isa)
-                for t in args.threads:
-                    kernels.set_num_threads(t)
-                    slow = isa == "scalar" and batch > 1
-                    seconds = time_matmul(pool, x, y, 0.0 if slow else args.min_seconds, 1 if slow else args.repeats)
-                    gbs = weight_bytes / seconds / 1e9
-                    row = {
-                        "rows": rows, "cols": cols, "weight": "q40", "input": "q80", "batch": batch,
-                        "threads": t, "isa": isa, "seconds": seconds, "weight_gbs": gbs,
-                    }
-                    results.append(row)
-                    pct = 100 * gbs / bandwidth[str(t)] if str(t) in bandwidth else float("nan")
-                    gops = 2 * rows * cols * batch / seconds / 1e9
-                    print(f"{rows:>5}x{cols:<6} {batch:>3} {t:>3} {isa:>11} {seconds * 1e3:>10.3f} {gbs:>11.2f}"
-                          f" {pct:>11.1f}% {gops:>8.1f}", flush=True)
-        del pool
+                layouts = [("q40", pool)] + ([("q40x16", regrouped)] if kernels.q40x16_fast() else [])
+                for layout, matrices in layouts:
+                    for t in args.threads:
+                        kernels.set_num_threads(t)
+                        slow = isa == "scalar" and batch > 1
+                        seconds = time_matmul(matrices, x, y, 0.0 if slow else args.min_seconds,
+                                              1 if slow else args.repeats, layout)
+                        gbs = weight_bytes / seconds / 1e9
+                        row = {
+                            "rows": rows, "cols": cols, "weight": layout, "input": "q80", "batch": batch,
+                            "threads": t, "isa": isa, "seconds": seconds, "weight_gbs": gbs,
+                        }
+                        results.append(row)
+                        pct = 100 * gbs / bandwidth[str(t)] if str(t) in bandwidth else float("nan")
+                        gops = 2 * rows * cols * batch / seconds / 1e9
+                        name = isa if layout == "q40" else f"{isa}/x16"
+                        print(f"{rows:>5}x{cols:<6} {batch:>3} {t:>3} {name:>15} {seconds * 1e3:>10.3f}"
+                              f" {gbs:>11.2f} {pct:>11.1f}% {gops:>8.1f}", flush=True)
+        del pool, regrouped
     kernels.set_isa(kernels.best_isa())
 
     best = {}
@@ -123,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             best[key] = r
     print("\nbest path per configuration:")
     for (rows, cols, batch, t), r in sorted(best.items()):
-        line = f"  {rows}x{cols} B={batch} threads={t}: {r['isa']}, {r['weight_gbs']:.2f} GB/s"
+        line = f"  {rows}x{cols} B={batch} threads={t}: {r['isa']} {r['weight']}, {r['weight_gbs']:.2f} GB/s"
         if batch == 1 and str(t) in bandwidth:
             line += f" = {100 * r['weight_gbs'] / bandwidth[str(t)]:.0f}% of read bandwidth"
         if batch > 1 and (rows, cols, 1, t) in best:
