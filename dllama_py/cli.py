@@ -50,8 +50,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nbatches", type=int, default=32, metavar="N",
                    help="prompt tokens evaluated together in one batch (default 32)")
     p.add_argument("--mmap-weights", action="store_true",
-                   help="keep this node's weights memory-mapped from the model file instead of loading them "
-                        "into RAM (for machines whose RAM cannot also hold the page cache; slower)")
+                   help="keep this node's weights memory-mapped from the model file, in the file's layout, "
+                        "instead of loading (and, for q40, regrouping) them into RAM: less memory, slower")
     p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
                    help="worker nodes to run the model on together with this one (tensor parallel)")
     p.add_argument("--secret", default=None,

@@ -17,7 +17,7 @@ import numpy as np
 from dllama_py import kernels
 from dllama_py.config import FloatType, ModelConfig
 from dllama_py.formats.model_file import ModelFile, read_model
-from dllama_py.forward import LocalSync, NodeForward
+from dllama_py.forward import LocalSync, NodeForward, will_regroup
 from dllama_py.plan import Plan, cut_tensor
 
 BUFFER_TYPES = ("f32", "q80")
@@ -164,9 +164,11 @@ class LocalEngine:
         self.seq_len, note = choose_seq_len(self.config, self.plan, max_seq_len)
         self.max_batch = max_batch
         self.embedding = self.model["embedding"]
-        weights = load_node_weights(self.model, self.plan, 0, mmap_weights)
+        # Regrouped weights are copied by the regrouping; otherwise copy unless asked to map.
+        regroup = not mmap_weights
+        weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(self.config))
         sync = LocalSync(self.buffer_type, max_batch, self.config.dim)
-        self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage)
+        self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, regroup)
         self.x = np.zeros((max_batch, self.config.dim), dtype=np.float32)
         self._last: np.ndarray | None = None
         self.info = EngineInfo(1, self.plan.describe(self.seq_len), self.config.weight_float_type.label,

@@ -20,7 +20,7 @@ from typing import Protocol
 import numpy as np
 
 from dllama_py import kernels
-from dllama_py.config import ArchType, FloatType, HiddenAct, RopeType
+from dllama_py.config import ArchType, FloatType, HiddenAct, ModelConfig, RopeType
 from dllama_py.plan import Plan
 
 
@@ -90,20 +90,27 @@ class KVCache:
             self.path = None
 
 
+def will_regroup(config: ModelConfig) -> bool:
+    """Whether NodeForward regroups this model's weights as Q40x16 (Q40 on a path with a fast
+    kernel for it), so a loader need not copy them first."""
+    return config.weight_float_type == FloatType.Q40 and kernels.q40x16_fast()
+
+
 class NodeForward:
     """The forward pass of node `node` of `plan` over the weights it holds.
 
     `weights` maps tensor names (see formats.model_file.tensor_specs) to the node's slices as
-    stored (f32, fp16 bits, or Q40/Q80 blocks), cut by `plan.cut`. Buffers are allocated once
-    for batches of up to `max_batch` rows.
+    stored (f32, fp16 bits, or Q40/Q80 blocks), cut by `plan.cut`. With `regroup`, Q40 weights
+    are regrouped 16 rows at a time when the SIMD path has a faster kernel for that. Buffers are
+    allocated once for batches of up to `max_batch` rows.
     """
 
     def __init__(self, plan: Plan, node: int, weights: Mapping[str, np.ndarray], sync: Sync,
-                 seq_len: int, max_batch: int = 32, kv_storage: str = "ram") -> None:
+                 seq_len: int, max_batch: int = 32, kv_storage: str = "ram", regroup: bool = True) -> None:
         c = self.config = plan.config
         s = self.slice = plan.nodes[node]
         self.wtype = c.weight_float_type.label
-        if self.wtype == "q40" and kernels.q40x16_fast():
+        if regroup and will_regroup(c):
             # This SIMD path multiplies fastest with 16 weight rows per vector: regroup once at load.
             weights = {name: kernels.repack_q40x16(w) if w.dtype == np.uint8 else w for name, w in weights.items()}
             self.wtype = "q40x16"

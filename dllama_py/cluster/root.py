@@ -28,7 +28,7 @@ from dllama_py.engine import (
     load_node_weights,
     open_model,
 )
-from dllama_py.forward import NodeForward
+from dllama_py.forward import NodeForward, will_regroup
 from dllama_py.plan import Plan, PlanError, cut_tensor
 from dllama_py.sampler import Sampler
 
@@ -66,9 +66,10 @@ class ClusterEngine:
         try:
             self._ship_weights(progress)
             self.mesh.reset_counters()  # per-step traffic starts here (workers reset too)
-            weights = load_node_weights(self.model, self.plan, 0, mmap_weights, progress)
+            weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(c), progress)
             self.sync = MeshSync(self.mesh, 0, self.plan.n_nodes, self.buffer_type, max_batch, c.dim)
-            self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage)
+            self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage,
+                                       regroup=not mmap_weights)
         except BaseException:
             self.mesh.close()
             raise
