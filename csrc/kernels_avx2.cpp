@@ -101,6 +101,63 @@ void matmul_q80(const PreparedQ80& x, const WBlock* w, float* y, int B, int rows
     else rows_loop<Q80W, 2, 4>(x, wb, wrow, y, B, rows, nb, r0, r1);
 }
 
+
+// ---- Q40x16 weights: 8 weight rows per register, two halves per group of 16 ----
+template <int BT>
+inline void tile_q40x16(const PreparedQ80& x, const BlockQ40x16* w, float* y, int rows, int nb, int g, int half,
+                        int b) {
+    __m256 acc[BT];
+    for (int j = 0; j < BT; j++) acc[j] = _mm256_setzero_ps();
+    const __m256i m = _mm256_set1_epi8(0x0f);
+    const __m256i ones = _mm256_set1_epi16(1);
+    const BlockQ40x16* wg = w + static_cast<size_t>(g) * nb;
+    for (int k = 0; k < nb; k++) {
+        const BlockQ40x16& blk = wg[k];
+        _mm_prefetch(reinterpret_cast<const char*>(&blk) + 8 * sizeof(BlockQ40x16) + 128 * half, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(&blk) + 8 * sizeof(BlockQ40x16) + 128 * half + 64, _MM_HINT_T0);
+        __m256i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk.qs[c][8 * half]));
+            lo[c] = _mm256_and_si256(v, m);
+            hi[c] = _mm256_and_si256(_mm256_srli_epi16(v, 4), m);
+        }
+        const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk.d + 8 * half)));
+        for (int j = 0; j < BT; j++) {
+            const size_t xi = static_cast<size_t>(b + j) * nb + k;
+            const int32_t* q = reinterpret_cast<const int32_t*>(x.blocks[xi].qs);
+            __m256i s = _mm256_set1_epi32(-8 * x.block_sum[xi]);
+            for (int c = 0; c < 4; c++) {
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(q[c])), ones));
+                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(q[4 + c])), ones));
+            }
+            acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(x.scale[xi])), acc[j]);
+        }
+    }
+    const int first = 16 * g + 8 * half;
+    const int valid = rows - first < 8 ? rows - first : 8;
+    for (int j = 0; j < BT; j++) {
+        float* out = y + static_cast<size_t>(b + j) * rows + first;
+        if (valid == 8) {
+            _mm256_storeu_ps(out, acc[j]);
+        } else {
+            alignas(32) float tmp[8];
+            _mm256_store_ps(tmp, acc[j]);
+            for (int r = 0; r < valid; r++) out[r] = tmp[r];
+        }
+    }
+}
+
+void matmul_q80_q40x16_f32(const PreparedQ80& x, const BlockQ40x16* w, float* y, int B, int rows, int nb, int g0,
+                           int g1) {
+    for (int g = g0; g < g1; g++) {
+        for (int half = 0; half < 2 && 16 * g + 8 * half < rows; half++) {
+            int b = 0;
+            for (; b + 4 <= B; b += 4) tile_q40x16<4>(x, w, y, rows, nb, g, half, b);
+            for (; b < B; b++) tile_q40x16<1>(x, w, y, rows, nb, g, half, b);
+        }
+    }
+}
+
 void matmul_q80_q40_f32(const PreparedQ80& x, const BlockQ40* w, float* y, int B, int rows, int nb, int r0, int r1) {
     matmul_q80<false>(x, w, y, B, rows, nb, r0, r1);
 }
@@ -188,7 +245,7 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
 
 const KernelTable kTable = {
     "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    matmul_q80_q40x16_ref, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 8, 0, false, 0, false,
+    matmul_q80_q40x16_f32, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 8, 0, false, 0, true,
 };
 
 }  // namespace
