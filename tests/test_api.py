@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_api_support import (
+from api_support import (
     TEMPLATE,
     ApiServer,
     Worker,

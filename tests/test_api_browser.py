@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_api_support import TEMPLATE, ApiServer, make_stories_files
+from api_support import TEMPLATE, ApiServer, make_stories_files
 
 from dllama_py.chat_session import ChatFormat
 from dllama_py.tokenizer import Tokenizer

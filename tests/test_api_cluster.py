@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_api_support import ApiServer, Worker, free_port, make_stories_files
+from api_support import ApiServer, Worker, free_port, make_stories_files
 
 
 @pytest.fixture(scope="module")

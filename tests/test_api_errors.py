@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from test_api_support import ApiServer, make_stories_files
+from api_support import ApiServer, make_stories_files
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
