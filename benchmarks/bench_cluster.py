@@ -6,9 +6,9 @@
   This kernel has no `netem`, so no latency is added: the 1gbit row shows the cost of the
   bandwidth only.
 
-Per configuration: generation and prompt tokens/s, sync ms per token, bytes sent and received
-per token by the root, and seconds from start (connect, ship slices, load) to the first
-generated token. Prints a table and writes JSON (--json PATH).
+Per configuration (medians of --repeats fresh runs): generation and prompt tokens/s, sync ms
+per token, bytes sent and received per token by the root, and seconds from start (connect, ship
+slices, load) to the first generated token. Prints a table and writes JSON (--json PATH).
 """
 
 from __future__ import annotations
@@ -80,12 +80,16 @@ def start_worker(prefix: list[str], host: str, port: int, threads: int) -> subpr
 
 
 def child(prefix: list[str], args: argparse.Namespace, threads: int, workers: list[str]) -> dict:
-    """Run one configuration in a fresh process (optionally inside a network namespace)."""
+    """Run one configuration `--repeats` times, each in a fresh process (optionally inside a
+    network namespace); every figure is the median over the runs."""
     cmd = prefix + [sys.executable, str(Path(__file__).resolve()), "--child", "--model", str(args.model),
                     "--threads", str(threads), "--gen-tokens", str(args.gen_tokens),
                     "--prompt-tokens", str(args.prompt_tokens)] + (["--workers", *workers] if workers else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    runs = []
+    for _ in range(args.repeats):
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
 
 
 def netns_available() -> bool:
@@ -125,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--model", type=Path, default=None, help="q40 model (default: the cached 1B-shaped one)")
     parser.add_argument("--no-netns", action="store_true", help="skip the network-namespace configuration")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration (medians; default 3)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--workers", nargs="*", default=[], help=argparse.SUPPRESS)
