@@ -12,6 +12,7 @@
 #include <cerrno>
 #include <chrono>
 #include <cstring>
+#include <thread>
 
 #ifndef MSG_NOSIGNAL
 #define MSG_NOSIGNAL 0  // macOS: SO_NOSIGPIPE is set on the socket instead
@@ -149,6 +150,11 @@ void Mesh::set_timeout_ms(int timeout_ms) {
     timeout_ms_.store(timeout_ms);
 }
 
+void Mesh::set_spin_us(int spin_us) {
+    if (spin_us < 0) throw std::invalid_argument("spin_us must be >= 0, got " + std::to_string(spin_us));
+    spin_us_.store(spin_us);
+}
+
 void Mesh::reset_counters() {
     bytes_sent_.store(0, std::memory_order_relaxed);
     bytes_received_.store(0, std::memory_order_relaxed);
@@ -282,6 +288,22 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
         pump_send(t);
     }
     for (Transfer& t : transfers) pump_recv(t);
+
+    // Spin: retry the non-blocking calls until everything moved or the budget is spent.
+    const int spin_us = spin_us_.load();
+    if (spin_us > 0) {
+        const Clock::time_point spin_end = start + std::chrono::microseconds(spin_us);
+        for (unsigned round = 1;; round++) {
+            bool pending = false;
+            for (Transfer& t : transfers) {
+                if (t.send_pending()) pump_send(t);
+                if (t.recv_pending()) pump_recv(t);
+                pending = pending || t.send_pending() || t.recv_pending();
+            }
+            if (!pending || closing_.load() || Clock::now() >= spin_end) break;
+            if (round % 16 == 0) std::this_thread::yield();  // give way on an oversubscribed machine
+        }
+    }
 
     const int timeout_ms = timeout_ms_.load();
     const auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -430,7 +452,19 @@ bool Mesh::wait_readable(int peer, int timeout_ms, const std::string& label) {
     std::lock_guard<std::mutex> lock(op_mutex_);
     check_peer(peer, "wait_readable: peer");
     check_usable("wait_readable", label);
-    const Clock::time_point deadline = Clock::now() + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
+    const Clock::time_point now = Clock::now();
+    const Clock::time_point deadline = now + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
+    // Spin first (see spin_us()): a step usually follows the previous one within microseconds.
+    const Clock::time_point spin_end = now + std::chrono::microseconds(timeout_ms == 0 ? 0 : spin_us_.load());
+    for (unsigned round = 1; Clock::now() < spin_end && !closing_.load(); round++) {
+        pollfd pfd = {fds_[peer], POLLIN, 0};
+        if (poll(&pfd, 1, 0) > 0) {
+            if (pfd.revents & POLLNVAL)
+                fail("wait_readable", label, peer, "the socket is not open (fd " + std::to_string(pfd.fd) + ")");
+            return true;
+        }
+        if (round % 16 == 0) std::this_thread::yield();
+    }
     for (;;) {
         int wait_ms = -1;
         if (timeout_ms >= 0) {

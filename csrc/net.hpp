@@ -43,6 +43,8 @@ private:
 
 class Mesh {
 public:
+    static constexpr int kDefaultSpinUs = 200;
+
     // fds[i] is the connected socket to node i, fds[node_index] == -1. The Mesh owns every fd
     // from this call on, also when the constructor throws std::invalid_argument (it closes them).
     // peer_names[i] ("10.0.0.2:9998") appears in error messages; peer_names[node_index] is unused.
@@ -56,6 +58,12 @@ public:
     int timeout_ms() const { return timeout_ms_.load(); }
     // Applies to the operations that start afterwards (e.g. longer while peers load weights).
     void set_timeout_ms(int timeout_ms);
+    // How long an operation keeps retrying its non-blocking sends and receives before it sleeps
+    // in poll(). A sync's partner usually answers within tens of microseconds; waking a thread
+    // that slept costs about as much again on every sync (more in a VM). 0 sleeps at once,
+    // which suits nodes that share their cores with other busy processes.
+    int spin_us() const { return spin_us_.load(); }
+    void set_spin_us(int spin_us);
 
     // buf holds n_nodes slices of slice_bytes; slice node_index is sent to every peer and every
     // peer's slice is received into its place.
@@ -128,6 +136,7 @@ private:
     int node_index_;
     int n_nodes_;
     std::atomic<int> timeout_ms_;
+    std::atomic<int> spin_us_{kDefaultSpinUs};
     std::vector<int> fds_;
     std::vector<std::string> peer_names_;
     int wake_read_ = -1, wake_write_ = -1;  // close() from another thread wakes poll() through this pipe

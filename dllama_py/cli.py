@@ -53,7 +53,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="keep this node's weights memory-mapped from the model file, in the file's layout, "
                         "instead of loading (and, for q40, regrouping) them into RAM: less memory, slower")
     p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
-                   help="worker nodes to run the model on together with this one (tensor parallel)")
+                   help="worker nodes to run the model on together with this one (tensor parallel); "
+                        "$DLLAMA_NET_SPIN_US sets how long a sync busy-waits before sleeping (default 200 "
+                        "microseconds; 0 when this computer's cores are busy with other work)")
     p.add_argument("--secret", default=None,
                    help="shared secret the workers must know (default: $DLLAMA_SECRET); authenticates, "
                         "does not encrypt")
@@ -100,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="serve as a worker node of a cluster",
                             description="Wait for a root, receive its plan and weight slices, follow its steps; "
-                                        "when the root goes away, free everything and wait for the next.")
+                                        "when the root goes away, free everything and wait for the next. "
+                                        "$DLLAMA_NET_SPIN_US sets how long a sync busy-waits for the other "
+                                        "nodes before it sleeps (default 200 microseconds; 0 when this "
+                                        "computer's cores are busy with other work).")
     worker.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998)")
     worker.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     worker.add_argument("--nthreads", type=int, default=None, metavar="K", help="compute threads (default: all cores)")

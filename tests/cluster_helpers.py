@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 class WorkerProcess:
     """A `dllama worker` subprocess; its log lines are collected in `lines`."""
 
-    def __init__(self, secret: str | None = None, threads: int = 1, extra: list[str] | None = None) -> None:
+    def __init__(self, secret: str | None = None, threads: int = 1, extra: list[str] | None = None,
+                 extra_env: dict[str, str] | None = None) -> None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
@@ -25,6 +26,7 @@ class WorkerProcess:
                 "--nthreads", str(threads)] + (extra or [])
         env = dict(os.environ)
         env.pop("DLLAMA_SECRET", None)
+        env.update(extra_env or {})
         if secret is not None:
             argv += ["--secret", secret]
         self.proc = subprocess.Popen(argv, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env,

@@ -284,6 +284,45 @@ def test_impossible_node_count_is_refused_with_what_would_work(stories):
     assert "5 nodes" in out.stderr and "1, 2, 3, 4" in out.stderr and "Traceback" not in out.stderr
 
 
+
+@pytest.mark.parametrize("value", ["abc", "-5", "2000000"])
+def test_bad_spin_setting_is_refused_by_worker_and_root_without_traceback(stories, value):
+    model, tok = stories
+    env = dict(os.environ, DLLAMA_NET_SPIN_US=value)
+    worker = subprocess.run([sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port", "0"],
+                            capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    root = subprocess.run([sys.executable, "-m", "dllama_py.cli", "inference", "--model", str(model), "--tokenizer",
+                           str(tok), "--prompt", "x", "--steps", "1", "--workers", "127.0.0.1:9"],
+                          capture_output=True, text=True, cwd=REPO, env=env, timeout=60)
+    for out in (worker, root):
+        assert out.returncode in (1, 2), out
+        assert "DLLAMA_NET_SPIN_US" in out.stderr and repr(value) in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cluster_without_spinning_gives_the_same_text(stories, reference):
+    """DLLAMA_NET_SPIN_US=0 (sleep in poll() at once) on root and worker changes nothing but timing."""
+    model, tok = stories
+    tokenizer = Tokenizer.load(tok)
+    worker = WorkerProcess(extra_env={"DLLAMA_NET_SPIN_US": "0"})
+    try:
+        os.environ["DLLAMA_NET_SPIN_US"] = "0"
+        try:
+            engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        finally:
+            del os.environ["DLLAMA_NET_SPIN_US"]
+        assert engine.mesh.spin_us == 0
+        try:
+            generator = Generator(engine, tokenizer)
+            for case in reference:
+                generator.reset()
+                result = generator.generate(tokenizer.encode(case["prompt"]), case["num_generated"], Sampler(0.0),
+                                            stop_ids=[1])
+                assert result.generated_ids == case["generated_ids"], case["prompt"]
+        finally:
+            engine.close()
+    finally:
+        worker.stop()
+
 def test_unreachable_worker_is_named(stories):
     model, _ = stories
     with socket.socket() as s:

@@ -512,6 +512,59 @@ def test_single_node_mesh_is_a_no_op() -> None:
     mesh.close()
 
 
+@pytest.mark.parametrize("spin_us", [0, 200, 300_000])
+def test_every_spin_budget_delivers_early_and_late_slices(cluster_factory, spin_us: int) -> None:
+    """Spinning only changes how a node waits: a slice that arrives within the budget, one that
+    arrives after it (the node then sleeps in poll()) and a close() during the spin all behave."""
+    cluster = cluster_factory(2, timeout_ms=5000)
+    for mesh in cluster.meshes.values():
+        assert mesh.spin_us == Mesh.DEFAULT_SPIN_US
+        mesh.spin_us = spin_us
+        assert mesh.spin_us == spin_us
+
+    def node(i: int, mesh: Mesh) -> list[int]:
+        out = []
+        for delay in (0.0, 0.001, 0.05, 0.4):
+            if i == 1:
+                time.sleep(delay)  # node 0 waits this long for node 1's slice
+            buf = np.array([i + 1, 0] if i == 0 else [0, i + 1], dtype=np.uint8)
+            mesh.all_gather(buf, 1, label="late")
+            out.extend(buf.tolist())
+        return out
+
+    results = raise_failures(cluster.run(node))
+    assert results[0] == results[1] == [1, 2] * 4
+
+    mesh = cluster.meshes[0]
+    threading.Timer(0.1, mesh.close).start()
+    t0 = time.perf_counter()
+    with pytest.raises(NetError, match="closed by another thread"):
+        mesh.recv_message(1, 10, label="waiting")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_spin_us_refuses_negative_values(cluster_factory) -> None:
+    mesh = cluster_factory(2).meshes[0]
+    with pytest.raises(ValueError, match="spin_us must be >= 0"):
+        mesh.spin_us = -1
+    assert mesh.spin_us == Mesh.DEFAULT_SPIN_US
+
+
+def test_wait_readable_spins_then_sleeps(cluster_factory) -> None:
+    cluster = cluster_factory(2, raw=(1,))
+    mesh, raw = cluster.meshes[0], cluster.raw[1][0]
+    mesh.spin_us = 50_000
+    t0 = time.perf_counter()
+    assert mesh.wait_readable(1, 0) is False  # a zero timeout never spins
+    assert time.perf_counter() - t0 < 0.02
+    t0 = time.perf_counter()
+    assert mesh.wait_readable(1, 120) is False  # spins 50 ms, then sleeps out the rest
+    assert 0.11 < time.perf_counter() - t0 < 0.6
+    threading.Timer(0.01, lambda: raw.sendall(struct.pack("<I", 2) + b"hi")).start()
+    assert mesh.wait_readable(1, 5000) is True  # found while spinning
+    assert mesh.recv_message(1, 10) == b"hi"
+
+
 # ---- separate processes --------------------------------------------------------------------
 def _process_node(index: int, n: int, ports: Any, my_queue: Any, results: Any, die: bool) -> None:
     """One node in its own process: listen, learn the others' ports, connect (lower indices

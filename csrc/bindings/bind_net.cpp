@@ -90,9 +90,12 @@ void bind_net(py::module_& m) {
     py::class_<Mesh>(m, "Mesh", "A full mesh of connected sockets and the collective operations over it")
         .def(py::init(&make_mesh), py::arg("node_index"), py::arg("n_nodes"), py::arg("fds"), py::arg("peer_names"),
              py::arg("timeout_ms"))
+        .def_readonly_static("DEFAULT_SPIN_US", &Mesh::kDefaultSpinUs)
         .def_property_readonly("node_index", &Mesh::node_index)
         .def_property_readonly("n_nodes", &Mesh::n_nodes)
         .def_property("timeout_ms", &Mesh::timeout_ms, &Mesh::set_timeout_ms)
+        .def_property("spin_us", &Mesh::spin_us, &Mesh::set_spin_us,
+                      "microseconds an operation retries non-blocking socket calls before sleeping in poll()")
         .def_property_readonly("closed", &Mesh::is_closed)
         .def_property_readonly("bytes_sent", &Mesh::bytes_sent)
         .def_property_readonly("bytes_received", &Mesh::bytes_received)

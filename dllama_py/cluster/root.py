@@ -17,7 +17,7 @@ import numpy as np
 from dllama_py import _core, kernels
 from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
-from dllama_py.cluster.sync import MeshSync
+from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
 from dllama_py.engine import (
     BUFFER_TYPES,
     EngineError,
@@ -46,6 +46,10 @@ class ClusterEngine:
         addresses = list(workers)
         for address in addresses:
             p.parse_address(address)
+        try:
+            self.spin_us = net_spin_us()
+        except ValueError as error:
+            raise EngineError(str(error)) from None
         self.model = open_model(model_path)
         self.config = c = self.model.config
         self.buffer_type = buffer_type or default_buffer_type(c)
@@ -114,7 +118,7 @@ class ClusterEngine:
             for s in socks:
                 s.close()
             raise
-        return _core.Mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms)
+        return open_mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms, self.spin_us)
 
     def _handshake(self, address: str, secret: str | None) -> socket.socket:
         host, port = p.parse_address(address)

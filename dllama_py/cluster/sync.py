@@ -6,11 +6,37 @@ node's, and adds all of them to x in node order, so x stays identical on every n
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from dllama_py import _core, kernels
+
+SPIN_ENV = "DLLAMA_NET_SPIN_US"
+
+
+def net_spin_us() -> int:
+    """How long a network operation retries before it sleeps (DLLAMA_NET_SPIN_US, microseconds;
+    default 200). Spinning saves a thread wake-up on every sync; 0 turns it off, for nodes whose
+    cores are busy with other work."""
+    text = os.environ.get(SPIN_ENV, "").strip()
+    if not text:
+        return _core.Mesh.DEFAULT_SPIN_US
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 1_000_000:
+        raise ValueError(f"{SPIN_ENV} must be a whole number of microseconds from 0 to 1000000, got {text!r}")
+    return value
+
+
+def open_mesh(node: int, n_nodes: int, fds: list[int], names: list[str], timeout_ms: int, spin_us: int) -> _core.Mesh:
+    """The C++ Mesh over connected sockets (it owns the fds from here on)."""
+    mesh = _core.Mesh(node, n_nodes, fds, names, timeout_ms)
+    mesh.spin_us = spin_us
+    return mesh
 
 
 class MeshSync:

@@ -19,7 +19,7 @@ import numpy as np
 from dllama_py import _core, kernels
 from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
-from dllama_py.cluster.sync import MeshSync
+from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
 from dllama_py.config import ModelConfig
 from dllama_py.formats.model_file import tensor_specs
 from dllama_py.forward import NodeForward
@@ -101,7 +101,8 @@ def receive_weights(mesh: _core.Mesh, plan: Plan, node: int) -> dict[str, np.nda
     return weights
 
 
-def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, secret: str | None) -> None:
+def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, secret: str | None,
+                spin_us: int) -> None:
     """Serve one root from setup to END (or until it goes away)."""
     config = ModelConfig.from_header(setup.header)
     plan = Plan.make(config, len(setup.addresses))
@@ -114,7 +115,7 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     fds[0] = conn.detach()
     for j, sock in peers.items():
         fds[j] = sock.detach()
-    mesh = _core.Mesh(me, plan.n_nodes, fds, names, setup.timeout_ms)
+    mesh = open_mesh(me, plan.n_nodes, fds, names, setup.timeout_ms, spin_us)
     forward = None
     busy = BusyResponder(listener, f"busy with root {conn_name(names[0])}")
     try:
@@ -223,6 +224,11 @@ def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.
 
 def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False) -> int:
     """Listen on host:port and serve roots one after another; returns only with `once`."""
+    try:
+        spin_us = net_spin_us()
+    except ValueError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if threads is not None:
         kernels.set_num_threads(threads)
     try:
@@ -246,7 +252,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
                 continue
             log(f"root {who} connected: node {setup.node_index} of {len(setup.addresses)}")
             try:
-                run_session(listener, conn, setup, secret)
+                run_session(listener, conn, setup, secret, spin_us)
                 log(f"root {who} finished; waiting for the next root")
             except (ConnectionError, OSError, ValueError, RuntimeError) as error:
                 log(f"session with root {who} ended: {error}; waiting for the next root")
