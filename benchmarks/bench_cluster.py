@@ -6,8 +6,14 @@
   This kernel has no `netem`, so no latency is added: the 1gbit row shows the cost of the
   bandwidth only.
 
-Per configuration (medians of --repeats fresh runs): generation and prompt tokens/s, sync ms
-per token, bytes sent and received per token by the root, and seconds from start (connect, ship
+It also runs two unrelated 1-thread engines at the same time: their tokens/s added up is the
+most that two single-thread nodes sharing this machine's memory bus can reach (each node of a
+2-node cluster streams half the weights per token), so it shows how far root + worker is from
+the hardware's limit rather than from an ideal 2x.
+
+Per configuration (medians of --repeats fresh runs, taken round-robin so that drifts in the
+machine's load touch every configuration alike): generation and prompt tokens/s, sync ms per
+token, bytes sent and received per token by the root, and seconds from start (connect, ship
 slices, load) to the first generated token. Prints a table and writes JSON (--json PATH).
 """
 
@@ -21,6 +27,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -79,17 +86,34 @@ def start_worker(prefix: list[str], host: str, port: int, threads: int) -> subpr
     raise RuntimeError("worker did not start")
 
 
-def child(prefix: list[str], args: argparse.Namespace, threads: int, workers: list[str]) -> dict:
-    """Run one configuration `--repeats` times, each in a fresh process (optionally inside a
-    network namespace); every figure is the median over the runs."""
-    cmd = prefix + [sys.executable, str(Path(__file__).resolve()), "--child", "--model", str(args.model),
-                    "--threads", str(threads), "--gen-tokens", str(args.gen_tokens),
-                    "--prompt-tokens", str(args.prompt_tokens)] + (["--workers", *workers] if workers else [])
-    runs = []
-    for _ in range(args.repeats):
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+def child_command(prefix: list[str], args: argparse.Namespace, threads: int, workers: list[str]) -> list[str]:
+    return prefix + [sys.executable, str(Path(__file__).resolve()), "--child", "--model", str(args.model),
+                     "--threads", str(threads), "--gen-tokens", str(args.gen_tokens),
+                     "--prompt-tokens", str(args.prompt_tokens)] + (["--workers", *workers] if workers else [])
+
+
+def run_children(commands: list[list[str]]) -> list[dict]:
+    """Start every command at once (fresh processes) and return each one's result."""
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for cmd in commands]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark child failed ({proc.returncode}): {err.strip()[-2000:]}")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+def medians(runs: list[dict]) -> dict:
     return {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+
+
+def independent_pair(args: argparse.Namespace) -> dict:
+    """Two 1-node x 1-thread engines started together; their speeds added up."""
+    a, b = run_children([child_command([], args, 1, []), child_command([], args, 1, [])])
+    return {"gen_tokens_per_s": a["gen_tokens_per_s"] + b["gen_tokens_per_s"],
+            "prompt_tokens_per_s": a["prompt_tokens_per_s"] + b["prompt_tokens_per_s"],
+            "seconds_to_first_token": max(a["seconds_to_first_token"], b["seconds_to_first_token"])}
 
 
 def netns_available() -> bool:
@@ -139,43 +163,70 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(run_config(args.model, args.threads, args.workers, args.gen_tokens, args.prompt_tokens)))
         return 0
 
-    rows = []
+    netns = not args.no_netns and netns_available()
+    # name -> (nodes, threads, link, what one run does)
+    configs: dict[str, tuple[int, int, str, Callable[[], dict]]] = {
+        "1x1": (1, 1, "loopback", lambda: run_children([child_command([], args, 1, [])])[0]),
+        "1x2": (1, 2, "loopback", lambda: run_children([child_command([], args, 2, [])])[0]),
+        "2x1": (2, 1, "loopback", lambda: run_children([child_command([], args, 1, ["127.0.0.1:29998"])])[0]),
+        # Two unrelated 1-thread engines at once: what the memory bus gives two busy cores. A
+        # node of a 2-node cluster reads half the weights per token, so the pair's tokens/s
+        # added up is the most root + worker can reach on this machine.
+        "independent": (2, 1, "none", lambda: independent_pair(args)),
+    }
+    if netns:
+        configs["2x1 1gbit"] = (2, 1, "1gbit", lambda: run_children(
+            [child_command(["ip", "netns", "exec", NS_ROOT], args, 1, [f"{WORKER_IP}:9998"])])[0])
+    runs: dict[str, list[dict]] = {name: [] for name in configs}
+    workers = [start_worker([], "127.0.0.1", 29998, 1)]
+    try:
+        if netns:
+            netns_up()
+            workers.append(start_worker(["ip", "netns", "exec", NS_WORKER], WORKER_IP, 9998, 1))
+        # Round-robin: every configuration once per round, so that a change in the machine's
+        # load or memory bandwidth during the run touches every configuration alike.
+        for round_index in range(args.repeats):
+            for name, (_, _, _, run) in configs.items():
+                runs[name].append(run())
+            print(f"round {round_index + 1} of {args.repeats} done", file=sys.stderr, flush=True)
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+        if netns:
+            netns_down()
 
-    def add(nodes: int, threads: int, link: str, result: dict) -> None:
-        rows.append({"nodes": nodes, "threads": threads, "link": link, **result})
-        r = rows[-1]
+    rows = []
+    print(f"{'nodes':>5} {'threads':>7} {'link':>8} {'gen tok/s':>9} {'prompt tok/s':>12} {'sync ms':>8}"
+          f" {'sent kB':>8} {'recv kB':>8} {'1st tok s':>8}")
+    for name, (nodes, threads, link, _) in configs.items():
+        if name == "independent":
+            continue
+        r = {"nodes": nodes, "threads": threads, "link": link, **medians(runs[name])}
+        rows.append(r)
         print(f"{nodes:>5} {threads:>7} {link:>8} {r['gen_tokens_per_s']:>9.2f} {r['prompt_tokens_per_s']:>12.2f}"
               f" {r['sync_ms_per_token']:>8.2f} {r['bytes_sent_per_token'] / 1e3:>8.1f}"
               f" {r['bytes_received_per_token'] / 1e3:>8.1f} {r['seconds_to_first_token']:>8.2f}", flush=True)
-
-    print(f"{'nodes':>5} {'threads':>7} {'link':>8} {'gen tok/s':>9} {'prompt tok/s':>12} {'sync ms':>8}"
-          f" {'sent kB':>8} {'recv kB':>8} {'1st tok s':>8}")
-    add(1, 1, "loopback", child([], args, 1, []))
-    add(1, 2, "loopback", child([], args, 2, []))
-    worker = start_worker([], "127.0.0.1", 29998, 1)
-    try:
-        add(2, 1, "loopback", child([], args, 1, ["127.0.0.1:29998"]))
-    finally:
-        worker.kill()
-        worker.wait()
-    if args.no_netns or not netns_available():
+    if not netns:
         print("1gbit: skipped (needs root, ip netns and tc)")
     else:
-        netns_up()
-        try:
-            worker = start_worker(["ip", "netns", "exec", NS_WORKER], WORKER_IP, 9998, 1)
-            try:
-                add(2, 1, "1gbit", child(["ip", "netns", "exec", NS_ROOT], args, 1, [f"{WORKER_IP}:9998"]))
-            finally:
-                worker.kill()
-                worker.wait()
-        finally:
-            netns_down()
         print("note: 1gbit is a tc tbf rate limit on a veth pair; this kernel has no netem, so no latency was added")
     base = rows[0]["gen_tokens_per_s"]
     for r in rows[1:]:
         print(f"{r['nodes']} node(s) x {r['threads']} thread(s), {r['link']}: {r['gen_tokens_per_s'] / base:.2f}x "
               "the generation speed of 1 node x 1 thread")
+    pair = medians(runs["independent"])
+    ceiling = pair["gen_tokens_per_s"]
+    cluster = next(r for r in rows if r["nodes"] == 2 and r["link"] == "loopback")
+    print(f"memory-bus ceiling: two 1-thread engines running at once make {ceiling:.2f} tokens/s together "
+          f"({ceiling / base:.2f}x one alone); root + worker on loopback reaches "
+          f"{cluster['gen_tokens_per_s'] / ceiling:.0%} of that")
+    rows.append({"nodes": 2, "threads": 1, "link": "none", "gen_tokens_per_s": ceiling,
+                 "prompt_tokens_per_s": pair["prompt_tokens_per_s"], "sync_ms_per_token": 0.0,
+                 "bytes_sent_per_token": 0, "bytes_received_per_token": 0,
+                 "seconds_to_first_token": pair["seconds_to_first_token"],
+                 "note": "not a cluster: two independent 1-thread engines at once, tokens/s added up; "
+                         "the most two single-thread nodes sharing this machine's memory bus can reach"})
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
         print(f"wrote {args.json}")
