@@ -169,6 +169,8 @@ class LocalEngine:
         weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(self.config))
         sync = LocalSync(self.buffer_type, max_batch, self.config.dim)
         self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, regroup)
+        if not mmap_weights:
+            self.model.release()  # the weights were copied (or regrouped) out of the mapping
         self.x = np.zeros((max_batch, self.config.dim), dtype=np.float32)
         self._last: np.ndarray | None = None
         self.info = EngineInfo(1, self.plan.describe(self.seq_len), self.config.weight_float_type.label,

@@ -62,3 +62,17 @@ class WorkerProcess:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(10)
+
+
+def resident_bytes_of_mapping(path: Path) -> int:
+    """Bytes of `path`'s memory mappings that are resident in this process (Linux /proc)."""
+    target = str(Path(path).resolve())
+    rss, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if fields and "-" in fields[0] and len(fields) >= 5 and not fields[0].endswith(":"):
+                inside = line.rstrip().endswith(target)
+            elif inside and line.startswith("Rss:"):
+                rss += int(fields[1]) * 1024
+    return rss

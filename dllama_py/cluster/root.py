@@ -74,6 +74,8 @@ class ClusterEngine:
             self.sync = MeshSync(self.mesh, 0, self.plan.n_nodes, self.buffer_type, max_batch, c.dim)
             self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage,
                                        regroup=not mmap_weights)
+            if not mmap_weights:
+                self.model.release()  # the weights were copied (or regrouped) out of the mapping
         except BaseException:
             self.mesh.close()
             raise
@@ -172,6 +174,7 @@ class ClusterEngine:
                     except ConnectionError as error:
                         raise EngineError(f"worker {address} failed while loading weights: {error}") from None
                     bar.update(part.nbytes)
+                    self.model.release(tensor.name)  # the root keeps only its own slices resident
             seconds = time.perf_counter() - start
             self.log(f"node {node} ({address}): {total / 2**20:.1f} MiB in {seconds:.1f} s "
                      f"({total / max(seconds, 1e-9) / 1e6:.0f} MB/s)")

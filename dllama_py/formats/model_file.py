@@ -226,6 +226,22 @@ class ModelFile:
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self.tensors.values())
 
+    def release(self, name: str | None = None) -> None:
+        """Let go of the resident pages of tensor `name` (of every tensor when None): this
+        process's mapping drops them (they stay in the page cache, and a later read brings
+        them back), so that reading a tensor once (to ship or copy a slice) does not leave the
+        whole model counted in this process's memory."""
+        if self._map is None or not hasattr(self._map, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        if name is None:
+            start, end = 0, self.file_size
+        else:
+            tensor = self.tensors[name]
+            start, end = tensor.offset, tensor.offset + tensor.data.nbytes
+        start -= start % mmap.PAGESIZE  # madvise wants a page-aligned start
+        if end > start:
+            self._map.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         """Drop the tensor views and unmap the file."""
         self.tensors = {}
