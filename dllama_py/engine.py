@@ -78,8 +78,8 @@ class Engine(Protocol):
     def close(self) -> None: ...
 
 
-def available_memory() -> int:
-    """Bytes of RAM the kernel says are available (MemAvailable), or 8 GiB if unknown."""
+def known_available_memory() -> int | None:
+    """Bytes of RAM the kernel says are available (MemAvailable), or None where it does not say."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -87,7 +87,27 @@ def available_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return 8 << 30
+    return None
+
+
+def available_memory() -> int:
+    """Bytes of RAM the kernel says are available (MemAvailable), or 8 GiB if unknown."""
+    known = known_available_memory()
+    return 8 << 30 if known is None else known
+
+
+def memory_shortfall(plan: Plan, node: int, seq_len: int, kv_storage: str) -> str | None:
+    """Why worker node `node` (>= 1) of `plan` cannot fit in this computer's available RAM, or
+    None (also when the available RAM is unknown)."""
+    available = known_available_memory()
+    weights = plan.node_weight_bytes(node)
+    kv = plan.node_kv_cache_bytes(node, seq_len) if kv_storage == "ram" else 0
+    if available is None or weights + kv <= available:
+        return None
+    return (f"node {node} needs {(weights + kv) / 2**30:.2f} GiB ({weights / 2**30:.2f} GiB of weights, "
+            f"{kv / 2**30:.2f} GiB of KV cache for {seq_len} positions) but this computer has "
+            f"{available / 2**30:.2f} GiB available; use more nodes, a shorter --max-seq-len or "
+            "--kv-cache-storage disk")
 
 
 def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node: int = 0) -> tuple[int, str | None]:

@@ -8,6 +8,7 @@ two roots in a row, mismatched secrets.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -25,7 +26,10 @@ from cluster_helpers import REPO, WorkerProcess, resident_bytes_of_mapping
 
 from dllama_py.cluster import protocol
 from dllama_py.cluster.root import ClusterEngine
+from dllama_py.config import HeaderKey
+from dllama_py.demo import demo_config
 from dllama_py.engine import EngineError, LocalEngine
+from dllama_py.formats.model_file import read_model, tensor_specs, write_model
 from dllama_py.generate import Generator
 from dllama_py.sampler import Sampler
 from dllama_py.tokenizer import Tokenizer
@@ -237,6 +241,102 @@ def test_worker_refuses_garbage_and_wrong_versions_then_serves_a_real_root(stori
     finally:
         worker.stop()
 
+
+
+class FakeRoot:
+    """A root that speaks the protocol (no secret) but sends what the test chooses."""
+
+    def __init__(self, address: str) -> None:
+        self.sock = socket.create_connection(protocol.parse_address(address), timeout=10)
+        _, nonce_w = protocol.unpack(protocol.recv_frame(self.sock), protocol.MsgType.HELLO_WORKER)
+        hello = protocol.new_nonce() + protocol.proof(None, b"root", nonce_w)
+        protocol.send_frame(self.sock, protocol.pack(protocol.MsgType.HELLO_ROOT, hello))
+        _, body = protocol.unpack(protocol.recv_frame(self.sock), protocol.MsgType.WELCOME)
+        assert body[0] == protocol.Welcome.OK
+
+    def setup(self, model: Path, address: str, **changes) -> tuple[protocol.MsgType, bytes]:
+        """Send a setup (the stories model, this worker as node 1 of 2, with `changes`); the reply."""
+        self.send_setup(model, address, **changes)
+        return protocol.unpack(protocol.recv_frame(self.sock, 1 << 16))
+
+    def send_setup(self, model: Path, address: str, **changes) -> None:
+        with read_model(model) as m:
+            header = [(int(k), v) for k, v in m.config.header_items()]
+        fields = dict(session=protocol.new_nonce().hex(), node_index=1, addresses=["root", address], header=header,
+                      buffer_type="f32", seq_len=64, max_batch=4, kv_storage="ram", timeout_ms=2000)
+        fields.update(changes)
+        protocol.send_frame(self.sock, protocol.pack(protocol.MsgType.SETUP, protocol.Setup(**fields).encode()))
+
+
+def test_worker_refuses_a_setup_it_cannot_serve_and_tells_the_root_why(stories):
+    model, tok = stories
+    worker = WorkerProcess()
+    try:
+        with read_model(model) as m:
+            huge = [(int(k), 1 << 30 if k == HeaderKey.MAX_SEQ_LEN else v) for k, v in m.config.header_items()]
+        cases = [
+            (dict(header=huge, seq_len=1 << 30), "GiB available"),  # a KV cache no computer here holds
+            (dict(addresses=["root"] + [worker.address] * 9), "10 nodes"),  # more nodes than KV heads
+            (dict(node_index=5), "node index 5"),
+            (dict(buffer_type="q4"), "buffer type"),
+            (dict(max_batch=10**9), "batch of"),
+            (dict(header=[(0, 1), (1, 0xDEAD)]), "header has no"),
+        ]
+        for changes, reason in cases:
+            root = FakeRoot(worker.address)
+            kind, body = root.setup(model, worker.address, **changes)
+            root.sock.close()
+            assert kind == protocol.MsgType.ERROR and reason in body.decode(), (changes, body)
+            worker.wait_for_line(reason)
+        assert worker.alive()
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        tokenizer = Tokenizer.load(tok)
+        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
+        engine.close()
+        assert result.generated_ids[:3] == [432, 383, 286]
+    finally:
+        worker.stop()
+
+
+
+def test_worker_waiting_for_its_peers_gives_up_at_once_when_the_root_goes_away(stories):
+    """A worker that waits for another worker to connect (which never comes, e.g. because that
+    one refused the setup) notices its root closing and is free again within a second or two."""
+    model, tok = stories
+    worker = WorkerProcess()
+    try:
+        root = FakeRoot(worker.address)
+        root.send_setup(model, worker.address, node_index=2, addresses=["root", "127.0.0.1:9", worker.address])
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        root.sock.close()
+        worker.wait_for_line("root went away", timeout=5)
+        assert time.monotonic() - t0 < 3
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        tokenizer = Tokenizer.load(tok)
+        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
+        engine.close()
+        assert result.generated_ids[:3] == [432, 383, 286]
+    finally:
+        worker.stop()
+
+def test_root_reports_the_reason_a_worker_refused(tmp_path):
+    """A context whose KV cache does not fit the worker's RAM: the root's error carries the
+    worker's reason, before anything was shipped or allocated."""
+    config = dataclasses.replace(demo_config(), max_seq_len=1 << 28)
+    model = tmp_path / "long.m"
+    write_model(model, config, ((s.name, np.zeros(s.shape, np.float32)) for s in tensor_specs(config)))
+    worker = WorkerProcess()
+    try:
+        with pytest.raises(EngineError) as error:
+            ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False, max_seq_len=1 << 28)
+        message = str(error.value)
+        assert worker.address in message and "cannot serve this model" in message, message
+        assert "GiB available" in message and "--max-seq-len" in message, message
+        worker.wait_for_line("GiB available")
+        assert worker.alive()
+    finally:
+        worker.stop()
 
 def test_two_roots_one_after_another_use_the_same_workers(stories, workers):
     model, tok = stories

@@ -115,6 +115,9 @@ class ClusterEngine:
                 except (OSError, p.ProtocolError) as error:
                     raise EngineError(f"worker {address} failed while connecting to the other workers: "
                                       f"{error}") from None
+                if kind == p.MsgType.ERROR:
+                    reason = body.decode("utf-8", errors="replace")
+                    raise EngineError(f"worker {address} cannot serve this model: {reason}")
             fds = [-1] + [s.detach() for s in socks]
         except BaseException:
             for s in socks:

@@ -8,6 +8,7 @@ protocol, a wrong version or a wrong secret are refused with a logged line.
 from __future__ import annotations
 
 import gc
+import select
 import socket
 import struct
 import sys
@@ -21,11 +22,13 @@ from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
 from dllama_py.config import ModelConfig
+from dllama_py.engine import BUFFER_TYPES, memory_shortfall
 from dllama_py.formats.model_file import tensor_specs
 from dllama_py.forward import NodeForward
 from dllama_py.plan import Plan
 
 HANDSHAKE_TIMEOUT_S = 10.0
+MAX_BATCH = 1024  # the most prompt rows per step a root may ask for
 
 
 def log(message: str) -> None:
@@ -48,8 +51,10 @@ def handshake(conn: socket.socket, secret: str | None) -> p.Setup:
     return p.Setup.decode(body)
 
 
-def connect_mesh(listener: socket.socket, setup: p.Setup, secret: str | None) -> dict[int, socket.socket]:
-    """Connect to every worker after this one and accept every worker before it."""
+def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
+                 secret: str | None) -> dict[int, socket.socket]:
+    """Connect to every worker after this one and accept every worker before it; gives up at once
+    when the root goes away meanwhile (e.g. because another worker refused the setup)."""
     me, peers = setup.node_index, {}
     session = bytes.fromhex(setup.session)
     for j in range(me + 1, len(setup.addresses)):
@@ -64,6 +69,11 @@ def connect_mesh(listener: socket.socket, setup: p.Setup, secret: str | None) ->
         if remaining <= 0:
             missing = [setup.addresses[j] for j in range(1, me) if j not in peers]
             raise p.ProtocolError(f"workers {', '.join(missing)} did not connect to this worker")
+        ready, _, _ = select.select([listener, root], [], [], min(remaining, 1.0))
+        if root in ready:  # the root sends nothing before READY: readable means it closed
+            raise p.ProtocolError("the root went away while the workers were connecting to each other")
+        if listener not in ready:
+            continue
         listener.settimeout(remaining)
         try:
             sock, addr = listener.accept()
@@ -101,13 +111,39 @@ def receive_weights(mesh: _core.Mesh, plan: Plan, node: int) -> dict[str, np.nda
     return weights
 
 
+def check_setup(setup: p.Setup) -> Plan:
+    """The plan of a root's setup; raises ValueError saying why this worker cannot serve it."""
+    config = ModelConfig.from_header(setup.header)  # ConfigError names the problem
+    plan = Plan.make(config, len(setup.addresses))  # PlanError says why and what would work
+    if not 1 <= setup.node_index < plan.n_nodes:
+        raise ValueError(f"node index {setup.node_index} is not a worker of a {plan.n_nodes}-node plan")
+    if setup.buffer_type not in BUFFER_TYPES:
+        raise ValueError(f"unknown buffer type {setup.buffer_type!r}")
+    if setup.kv_storage not in ("ram", "disk"):
+        raise ValueError(f"unknown KV cache storage {setup.kv_storage!r}")
+    if not 1 <= setup.seq_len <= config.max_seq_len:
+        raise ValueError(f"context of {setup.seq_len} positions is outside 1..{config.max_seq_len}")
+    if not 1 <= setup.max_batch <= MAX_BATCH:
+        raise ValueError(f"batch of {setup.max_batch} rows is outside 1..{MAX_BATCH}")
+    if not 0 < setup.timeout_ms <= 3_600_000:
+        raise ValueError(f"timeout of {setup.timeout_ms} ms is outside 1..3600000")
+    shortfall = memory_shortfall(plan, setup.node_index, setup.seq_len, setup.kv_storage)
+    if shortfall:
+        raise ValueError(shortfall)
+    return plan
+
+
 def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, secret: str | None,
                 spin_us: int) -> None:
     """Serve one root from setup to END (or until it goes away)."""
-    config = ModelConfig.from_header(setup.header)
-    plan = Plan.make(config, len(setup.addresses))
+    try:
+        plan = check_setup(setup)
+    except ValueError as error:  # tell the root why, before anything is allocated
+        p.send_frame(conn, p.pack(p.MsgType.ERROR, str(error).encode("utf-8")[:4000]))
+        raise
+    config = plan.config
     me = setup.node_index
-    peers = connect_mesh(listener, setup, secret)
+    peers = connect_mesh(listener, conn, setup, secret)
     p.send_frame(conn, p.pack(p.MsgType.READY))
     fds = [-1] * plan.n_nodes
     names = list(setup.addresses)
@@ -246,7 +282,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             try:
                 setup = handshake(conn, secret)
-            except (p.ProtocolError, OSError, ValueError) as error:
+            except Exception as error:  # noqa: BLE001 - whatever arrives, the worker keeps serving
                 log(f"refused connection from {who}: {error}")
                 conn.close()
                 continue
@@ -256,6 +292,8 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
                 log(f"root {who} finished; waiting for the next root")
             except (ConnectionError, OSError, ValueError, RuntimeError) as error:
                 log(f"session with root {who} ended: {error}; waiting for the next root")
+            except Exception as error:  # noqa: BLE001 - nothing a root sends may stop the worker
+                log(f"session with root {who} ended: {type(error).__name__}: {error}; waiting for the next root")
             finally:
                 conn.close()
                 gc.collect()
