@@ -193,7 +193,7 @@ class Plan:
                  f"feed-forward {c.ff_dim}, vocabulary {c.vocab_size}, KV cache for {seq_len} positions"]
         for s in self.nodes:
             where = "root" if s.index == 0 else "worker"
-            if addresses and s.index < len(addresses):
+            if addresses and 0 < s.index < len(addresses):
                 where += f" {addresses[s.index]}"
             q0, q1 = s.q_rows
             ram = self.node_weight_bytes(s.index) + self.node_kv_cache_bytes(s.index, seq_len)
