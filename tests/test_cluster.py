@@ -17,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from dllama_py.demo import demo_config
 from dllama_py.engine import EngineError, LocalEngine
 from dllama_py.formats.model_file import read_model, tensor_specs, write_model
 from dllama_py.generate import Generator
+from dllama_py.plan import Plan
 from dllama_py.sampler import Sampler
 from dllama_py.tokenizer import Tokenizer
 
@@ -312,6 +314,62 @@ def test_worker_waiting_for_its_peers_gives_up_at_once_when_the_root_goes_away(s
         root.sock.close()
         worker.wait_for_line("root went away", timeout=5)
         assert time.monotonic() - t0 < 3
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+        tokenizer = Tokenizer.load(tok)
+        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
+        engine.close()
+        assert result.generated_ids[:3] == [432, 383, 286]
+    finally:
+        worker.stop()
+
+
+def test_worker_that_dies_while_receiving_weights_is_named_with_the_tensor(stories):
+    """A worker that vanishes halfway through loading: the root stops at once and says who and
+    what was being loaded."""
+    model, _ = stories
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+
+        def fake_worker() -> None:  # speaks the handshake, then leaves after 100 kB of weights
+            conn, _ = server.accept()
+            with conn:
+                protocol.send_frame(conn, protocol.pack(protocol.MsgType.HELLO_WORKER, protocol.new_nonce()))
+                _, body = protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.HELLO_ROOT)
+                proof = protocol.proof(None, b"worker", body[: protocol.NONCE_BYTES])
+                protocol.send_frame(conn, protocol.pack(protocol.MsgType.WELCOME, bytes([protocol.Welcome.OK]) + proof))
+                protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.SETUP)
+                protocol.send_frame(conn, protocol.pack(protocol.MsgType.READY))
+                received = 0
+                while received < 100_000:
+                    received += len(conn.recv(65536))
+
+        thread = threading.Thread(target=fake_worker, daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as error:
+            ClusterEngine(model, [address], threads=1, log=quiet, progress=False)
+        assert time.monotonic() - t0 < 5
+        thread.join(5)
+    message = str(error.value)
+    assert address in message and "while loading weights" in message and "loading layers." in message, message
+
+
+def test_root_that_dies_while_shipping_weights_sends_the_worker_back_to_waiting(stories):
+    model, tok = stories
+    worker = WorkerProcess()
+    try:
+        root = FakeRoot(worker.address)
+        kind, _ = root.setup(model, worker.address)
+        assert kind == protocol.MsgType.READY
+        with read_model(model) as m:
+            plan = Plan.make(m.config, 2)
+            first = next(t for t in tensor_specs(m.config) if plan.cut(t.name, 1).kind != "root")
+            rows, cols = plan.slice_shape(first.name, first.shape, 1)
+            size = first.float_type.tensor_bytes(rows, cols)
+        root.sock.sendall(struct.pack("<I", size) + bytes(size // 2))  # the first tensor, cut short
+        root.sock.close()
+        line = worker.wait_for_line("waiting for the next root", timeout=5)
+        assert f"loading {first.name}" in line and "closed by peer" in line, line
         engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
         tokenizer = Tokenizer.load(tok)
         result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
