@@ -112,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--secret", default=None,
                         help="shared secret a root must know (default: $DLLAMA_SECRET)")
     worker.add_argument("--once", action="store_true", help="exit after serving one root (for scripts)")
+    worker.add_argument("--cache-dir", default=None, metavar="DIR",
+                        help="keep the weight slices received in DIR and read them back when a root runs the "
+                             "same model on the same plan again, instead of receiving them over the network "
+                             "(worth it when the disk reads faster than the network; entries are folders "
+                             "you may delete at any time)")
 
     demo = sub.add_parser("demo", help="make a small random model and run it on two local nodes",
                           description="Make a small random Llama model, start one worker on 127.0.0.1 and run "
@@ -321,7 +326,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     check_threads(args.nthreads)
     secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
-    return serve(args.host, args.port, args.nthreads, secret, once=args.once)
+    return serve(args.host, args.port, args.nthreads, secret, once=args.once, cache_dir=args.cache_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

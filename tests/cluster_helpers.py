@@ -45,11 +45,11 @@ class WorkerProcess:
             if "listening on" in line:
                 self._listening.set()
 
-    def wait_for_line(self, text: str, timeout: float = 10.0) -> str:
-        """The first log line containing `text`, waiting up to `timeout` seconds."""
+    def wait_for_line(self, text: str, timeout: float = 10.0, after: int = 0) -> str:
+        """The first log line (from index `after` on) containing `text`, waiting up to `timeout` s."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for line in list(self.lines):
+            for line in list(self.lines)[after:]:
                 if text in line:
                     return line
             time.sleep(0.05)

@@ -265,7 +265,7 @@ class FakeRoot:
         with read_model(model) as m:
             header = [(int(k), v) for k, v in m.config.header_items()]
         fields = dict(session=protocol.new_nonce().hex(), node_index=1, addresses=["root", address], header=header,
-                      buffer_type="f32", seq_len=64, max_batch=4, kv_storage="ram", timeout_ms=2000)
+                      buffer_type="f32", seq_len=64, max_batch=4, kv_storage="ram", timeout_ms=2000, model_id="")
         fields.update(changes)
         protocol.send_frame(self.sock, protocol.pack(protocol.MsgType.SETUP, protocol.Setup(**fields).encode()))
 

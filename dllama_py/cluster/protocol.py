@@ -10,8 +10,10 @@ Setup (root R, worker W, then worker i -> worker j for every i < j):
     W -> R  WELCOME       status, HMAC(secret, "worker" | nonce_r)
     R -> W  SETUP         JSON: node index, addresses, model header, buffer type, context
     i -> j  MESH_HELLO    session id, i, HMAC(secret, "mesh" | session | i)
-    W -> R  READY | ERROR
-then the root ships each worker its weight slices, one message per tensor, and drives steps:
+    W -> R  READY (flags: HAS_WEIGHTS when its slice cache holds this model's slices) | ERROR
+then the root ships each worker without them its weight slices, one message per tensor; each
+worker sends LOADING every second while it reads or prepares them (so that a frozen worker is
+noticed within the usual timeout) and LOADED once they are in place; then the root drives steps:
     R -> W  STEP  (flags, mode, batch, position, temperature, vocab limit, x)
     W -> R  its part of the logits as the mode asks (cluster/logits.py), by gather
     R -> W  LOGITS (the whole slice of the last step, when top tokens were not enough)
@@ -33,7 +35,7 @@ from enum import IntEnum
 from typing import Any
 
 MAGIC = b"DLPY"
-VERSION = 1
+VERSION = 2  # 2: SETUP names the model, READY says whether the worker has its slices, LOADED
 HEADER = struct.Struct("<4sHB")  # magic, version, type
 MAX_SETUP_BYTES = 1 << 20  # a handshake or setup message never needs more
 NONCE_BYTES = 16
@@ -56,6 +58,11 @@ class MsgType(IntEnum):
     STEP = 8
     END = 9
     LOGITS = 10  # send the whole logits slice of the last step
+    LOADED = 11  # the worker's weights are in place (received or read from its cache)
+    LOADING = 12  # heartbeat, every second while a worker reads or prepares its weights
+
+
+READY_HAS_WEIGHTS = 1  # READY flag: the worker read its slices from its cache; ship nothing
 
 
 class Welcome(IntEnum):
@@ -154,6 +161,7 @@ class Setup:
     max_batch: int
     kv_storage: str
     timeout_ms: int
+    model_id: str  # the model's fingerprint (cluster/slice_cache.py)
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode("utf-8")

@@ -17,6 +17,7 @@ import numpy as np
 from dllama_py import _core, kernels
 from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
+from dllama_py.cluster.slice_cache import model_fingerprint
 from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
 from dllama_py.engine import (
     BUFFER_TYPES,
@@ -66,16 +67,19 @@ class ClusterEngine:
         self.addresses = ["root"] + addresses
         self.log = log
         log(self.plan.describe(self.seq_len, self.addresses))
+        self.model_id = model_fingerprint(self.model)
+        self.cached = [False] * self.plan.n_nodes  # which workers read their slices from their cache
         self.mesh = self._connect(addresses, secret, kv_storage, timeout_ms)
         try:
             self._ship_weights(progress)
-            self.mesh.reset_counters()  # per-step traffic starts here (workers reset too)
             weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(c), progress)
             self.sync = MeshSync(self.mesh, 0, self.plan.n_nodes, self.buffer_type, max_batch, c.dim)
             self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage,
                                        regroup=not mmap_weights)
             if not mmap_weights:
                 self.model.release()  # the weights were copied (or regrouped) out of the mapping
+            self._wait_loaded()
+            self.mesh.reset_counters()  # per-step traffic starts here (workers reset too)
         except BaseException:
             self.mesh.close()
             raise
@@ -106,7 +110,8 @@ class ClusterEngine:
                 socks.append(self._handshake(address, secret))
             for index, sock in enumerate(socks, start=1):
                 setup = p.Setup(session, index, self.addresses, [(int(k), v) for k, v in self.config.header_items()],
-                                self.buffer_type, self.seq_len, self.max_batch, kv_storage, timeout_ms)
+                                self.buffer_type, self.seq_len, self.max_batch, kv_storage, timeout_ms,
+                                self.model_id)
                 p.send_frame(sock, p.pack(p.MsgType.SETUP, setup.encode()))
             for address, sock in zip(addresses, socks):
                 sock.settimeout(CONNECT_TIMEOUT_S * 4)
@@ -118,6 +123,7 @@ class ClusterEngine:
                 if kind == p.MsgType.ERROR:
                     reason = body.decode("utf-8", errors="replace")
                     raise EngineError(f"worker {address} cannot serve this model: {reason}")
+                self.cached[self.addresses.index(address)] = body[:1] == bytes([p.READY_HAS_WEIGHTS])
             fds = [-1] + [s.detach() for s in socks]
         except BaseException:
             for s in socks:
@@ -164,6 +170,9 @@ class ClusterEngine:
         for node in range(1, self.plan.n_nodes):
             total = self.plan.node_weight_bytes(node)
             address = self.addresses[node]
+            if self.cached[node]:
+                self.log(f"node {node} ({address}): {total / 2**20:.1f} MiB from its slice cache, nothing shipped")
+                continue
             start = time.perf_counter()
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"weights -> node {node} {address}",
                       disable=not progress, leave=True) as bar:
@@ -181,6 +190,20 @@ class ClusterEngine:
             seconds = time.perf_counter() - start
             self.log(f"node {node} ({address}): {total / 2**20:.1f} MiB in {seconds:.1f} s "
                      f"({total / max(seconds, 1e-9) / 1e6:.0f} MB/s)")
+
+    def _wait_loaded(self) -> None:
+        """Wait until every worker has its weights in place; a worker reading or preparing them
+        reports progress every second, so a frozen one still fails within the timeout."""
+        for node in range(1, self.plan.n_nodes):
+            address = self.addresses[node]
+            while True:
+                try:
+                    kind, _ = p.unpack(self.mesh.recv_message(node, 64, "waiting for the worker to load its weights"),
+                                       (p.MsgType.LOADING, p.MsgType.LOADED))
+                except ConnectionError as error:
+                    raise EngineError(f"worker {address} failed while loading weights: {error}") from None
+                if kind == p.MsgType.LOADED:
+                    break
 
     # ---- steps ----------------------------------------------------------------------------
     def configure_sampling(self, temperature: float, vocab_limit: int) -> None:

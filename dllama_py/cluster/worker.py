@@ -20,6 +20,7 @@ import numpy as np
 from dllama_py import _core, kernels
 from dllama_py.cluster import logits as L
 from dllama_py.cluster import protocol as p
+from dllama_py.cluster.slice_cache import EntryWriter, SliceCache, entry_key
 from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
 from dllama_py.config import ModelConfig
 from dllama_py.engine import BUFFER_TYPES, memory_shortfall
@@ -97,8 +98,8 @@ def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
     return peers
 
 
-def receive_weights(mesh: _core.Mesh, plan: Plan, node: int) -> dict[str, np.ndarray]:
-    """Receive this node's slice of every tensor, in file order."""
+def receive_weights(mesh: _core.Mesh, plan: Plan, node: int, store: EntryWriter | None = None) -> dict[str, np.ndarray]:
+    """Receive this node's slice of every tensor, in file order (writing each to `store`)."""
     weights = {}
     for spec in tensor_specs(plan.config):
         cut = plan.cut(spec.name, node)
@@ -108,7 +109,30 @@ def receive_weights(mesh: _core.Mesh, plan: Plan, node: int) -> dict[str, np.nda
         array = np.empty((rows, spec.float_type.row_elements(cols)), dtype=spec.float_type.storage_dtype)
         mesh.recv_message_into(0, array, f"loading {spec.name}")
         weights[spec.name] = array
+        if store is not None:
+            store.write(spec.name, array)
     return weights
+
+
+class Heartbeat:
+    """Sends LOADING to the root every second while this worker reads or prepares its weights,
+    so that the root can tell a slow worker from a frozen one."""
+
+    def __init__(self, mesh: _core.Mesh) -> None:
+        self.mesh, self.stopping = mesh, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopping.wait(1.0):
+            try:
+                self.mesh.send_message(0, p.pack(p.MsgType.LOADING), "reporting progress while loading")
+            except ConnectionError:
+                return  # the main thread hears about it on its next operation
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.thread.join()
 
 
 def check_setup(setup: p.Setup) -> Plan:
@@ -134,7 +158,7 @@ def check_setup(setup: p.Setup) -> Plan:
 
 
 def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, secret: str | None,
-                spin_us: int) -> None:
+                spin_us: int, cache: SliceCache | None = None) -> None:
     """Serve one root from setup to END (or until it goes away)."""
     try:
         plan = check_setup(setup)
@@ -144,7 +168,9 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     config = plan.config
     me = setup.node_index
     peers = connect_mesh(listener, conn, setup, secret)
-    p.send_frame(conn, p.pack(p.MsgType.READY))
+    key = entry_key(setup.model_id, plan, me) if cache is not None and setup.model_id else None
+    cached = key is not None and cache.has(key, plan, me)
+    p.send_frame(conn, p.pack(p.MsgType.READY, bytes([p.READY_HAS_WEIGHTS if cached else 0])))
     fds = [-1] * plan.n_nodes
     names = list(setup.addresses)
     names[0] = f"root {conn.getpeername()[0]}"
@@ -154,17 +180,36 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     mesh = open_mesh(me, plan.n_nodes, fds, names, setup.timeout_ms, spin_us)
     forward = None
     busy = BusyResponder(listener, f"busy with root {conn_name(names[0])}")
+    heartbeat = None
     try:
         start = time.perf_counter()
-        weights = receive_weights(mesh, plan, me)
-        mesh.reset_counters()  # per-step traffic starts here, as on the root
-        total = sum(w.nbytes for w in weights.values())
-        log(f"received {total / 2**20:.1f} MiB of weights in {time.perf_counter() - start:.1f} s "
-            f"(node {me} of {plan.n_nodes})")
+        if cached:
+            heartbeat = Heartbeat(mesh)
+            weights = cache.load(key, plan, me)
+            how = f"read {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights from the cache"
+        else:
+            store = cache.writer(key) if key is not None else None
+            try:
+                weights = receive_weights(mesh, plan, me, store)
+            except BaseException:
+                if store is not None:
+                    store.abort()
+                raise
+            heartbeat = Heartbeat(mesh)
+            if store is not None:
+                store.commit()
+            how = f"received {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights"
+        log(f"{how} in {time.perf_counter() - start:.1f} s (node {me} of {plan.n_nodes})")
         sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
         forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage)
+        heartbeat.stop()
+        heartbeat = None
+        mesh.send_message(0, p.pack(p.MsgType.LOADED), "reporting its weights loaded")
+        mesh.reset_counters()  # per-step traffic starts here, as on the root
         follow_root(mesh, plan, me, forward, setup)
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         busy.stop()
         mesh.close()
         if forward is not None:
@@ -258,13 +303,21 @@ def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.
     mesh.gather(0, buf, offsets, sizes, label)
 
 
-def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False) -> int:
+def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False,
+          cache_dir: str | None = None) -> int:
     """Listen on host:port and serve roots one after another; returns only with `once`."""
     try:
         spin_us = net_spin_us()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    cache = None
+    if cache_dir is not None:
+        try:
+            cache = SliceCache(cache_dir, log=log)
+        except OSError as error:
+            print(f"error: cannot use {cache_dir} as the slice cache: {error.strerror or error}", file=sys.stderr)
+            return 1
     if threads is not None:
         kernels.set_num_threads(threads)
     try:
@@ -273,7 +326,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
         print(f"error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
     log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}"
-        + (", secret required" if secret else ""))
+        + (", secret required" if secret else "") + (f", slice cache in {cache.dir}" if cache else ""))
     try:
         while True:
             listener.settimeout(None)
@@ -288,7 +341,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
                 continue
             log(f"root {who} connected: node {setup.node_index} of {len(setup.addresses)}")
             try:
-                run_session(listener, conn, setup, secret, spin_us)
+                run_session(listener, conn, setup, secret, spin_us, cache)
                 log(f"root {who} finished; waiting for the next root")
             except (ConnectionError, OSError, ValueError, RuntimeError) as error:
                 log(f"session with root {who} ended: {error}; waiting for the next root")
