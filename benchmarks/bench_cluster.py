@@ -4,7 +4,9 @@
   where the machine allows it (root, `ip netns`, `tc`), root + worker in two network
   namespaces joined by a veth pair shaped to 1 Gbit/s with `tc tbf` like a home switch.
   This kernel has no `netem`, so no latency is added: the 1gbit row shows the cost of the
-  bandwidth only.
+  bandwidth only. A second 1gbit row (`1gbit+c`, "worker_cache": true) uses a worker whose
+  slice cache (`dllama worker --cache-dir`) already holds its slices: the startup of every run
+  of a model after the first.
 
 It also runs two unrelated 1-thread engines at the same time: their tokens/s added up is the
 most that two single-thread nodes sharing this machine's memory bus can reach (each node of a
@@ -26,6 +28,8 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -75,13 +79,16 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
     }
 
 
-def start_worker(prefix: list[str], host: str, port: int, threads: int) -> subprocess.Popen:
+def start_worker(prefix: list[str], host: str, port: int, threads: int, extra: list[str] | None = None
+                 ) -> subprocess.Popen:
     worker = subprocess.Popen(prefix + [sys.executable, "-m", "dllama_py.cli", "worker", "--host", host, "--port",
-                                        str(port), "--nthreads", str(threads)],
+                                        str(port), "--nthreads", str(threads)] + (extra or []),
                               stderr=subprocess.PIPE, text=True)
     assert worker.stderr is not None
     for line in worker.stderr:
         if "listening on" in line:
+            # keep reading its log, so that a full pipe never blocks it
+            threading.Thread(target=lambda: [None for _ in worker.stderr], daemon=True).start()
             return worker
     raise RuntimeError("worker did not start")
 
@@ -177,12 +184,20 @@ def main(argv: list[str] | None = None) -> int:
     if netns:
         configs["2x1 1gbit"] = (2, 1, "1gbit", lambda: run_children(
             [child_command(["ip", "netns", "exec", NS_ROOT], args, 1, [f"{WORKER_IP}:9998"])])[0])
+        # The same with a worker whose slice cache (--cache-dir) already holds its slices: the
+        # startup a user sees from the second run of a model on.
+        configs["2x1 1gbit cached"] = (2, 1, "1gbit", lambda: run_children(
+            [child_command(["ip", "netns", "exec", NS_ROOT], args, 1, [f"{WORKER_IP}:9997"])])[0])
     runs: dict[str, list[dict]] = {name: [] for name in configs}
     workers = [start_worker([], "127.0.0.1", 29998, 1)]
+    cache_dir = tempfile.TemporaryDirectory(prefix="dllama-bench-cache-")
     try:
         if netns:
             netns_up()
             workers.append(start_worker(["ip", "netns", "exec", NS_WORKER], WORKER_IP, 9998, 1))
+            workers.append(start_worker(["ip", "netns", "exec", NS_WORKER], WORKER_IP, 9997, 1,
+                                        ["--cache-dir", cache_dir.name]))
+            configs["2x1 1gbit cached"][3]()  # fills the cache
         # Round-robin: every configuration once per round, so that a change in the machine's
         # load or memory bandwidth during the run touches every configuration alike.
         for round_index in range(args.repeats):
@@ -195,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             worker.wait()
         if netns:
             netns_down()
+        cache_dir.cleanup()
 
     rows = []
     print(f"{'nodes':>5} {'threads':>7} {'link':>8} {'gen tok/s':>9} {'prompt tok/s':>12} {'sync ms':>8}"
@@ -202,17 +218,22 @@ def main(argv: list[str] | None = None) -> int:
     for name, (nodes, threads, link, _) in configs.items():
         if name == "independent":
             continue
-        r = {"nodes": nodes, "threads": threads, "link": link, **medians(runs[name])}
+        cached = name.endswith("cached")
+        r = {"nodes": nodes, "threads": threads, "link": link, **medians(runs[name]), "worker_cache": cached}
         rows.append(r)
-        print(f"{nodes:>5} {threads:>7} {link:>8} {r['gen_tokens_per_s']:>9.2f} {r['prompt_tokens_per_s']:>12.2f}"
+        print(f"{nodes:>5} {threads:>7} {link + ('+c' if cached else ''):>8} {r['gen_tokens_per_s']:>9.2f}"
+              f" {r['prompt_tokens_per_s']:>12.2f}"
               f" {r['sync_ms_per_token']:>8.2f} {r['bytes_sent_per_token'] / 1e3:>8.1f}"
               f" {r['bytes_received_per_token'] / 1e3:>8.1f} {r['seconds_to_first_token']:>8.2f}", flush=True)
     if not netns:
         print("1gbit: skipped (needs root, ip netns and tc)")
     else:
-        print("note: 1gbit is a tc tbf rate limit on a veth pair; this kernel has no netem, so no latency was added")
+        print("note: 1gbit is a tc tbf rate limit on a veth pair; this kernel has no netem, so no latency was added;"
+              " 1gbit+c: the worker's slice cache (--cache-dir) already held its slices")
     base = rows[0]["gen_tokens_per_s"]
     for r in rows[1:]:
+        if r["worker_cache"]:
+            continue
         print(f"{r['nodes']} node(s) x {r['threads']} thread(s), {r['link']}: {r['gen_tokens_per_s'] / base:.2f}x "
               "the generation speed of 1 node x 1 thread")
     pair = medians(runs["independent"])
@@ -224,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
     rows.append({"nodes": 2, "threads": 1, "link": "none", "gen_tokens_per_s": ceiling,
                  "prompt_tokens_per_s": pair["prompt_tokens_per_s"], "sync_ms_per_token": 0.0,
                  "bytes_sent_per_token": 0, "bytes_received_per_token": 0,
-                 "seconds_to_first_token": pair["seconds_to_first_token"],
+                 "seconds_to_first_token": pair["seconds_to_first_token"], "worker_cache": False,
                  "note": "not a cluster: two independent 1-thread engines at once, tokens/s added up; "
                          "the most two single-thread nodes sharing this machine's memory bus can reach"})
     if args.json:
