@@ -496,6 +496,12 @@ def test_cluster_without_spinning_gives_the_same_text(stories, reference):
     finally:
         worker.stop()
 
+
+def test_a_worker_listed_twice_is_refused_before_connecting(stories):
+    model, _ = stories
+    with pytest.raises(EngineError, match="127.0.0.1:9 is listed more than once"):
+        ClusterEngine(model, ["127.0.0.1:9", "127.0.0.1:8", "127.0.0.1:9"], threads=1, log=quiet, progress=False)
+
 def test_unreachable_worker_is_named(stories):
     model, _ = stories
     with socket.socket() as s:

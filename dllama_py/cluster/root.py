@@ -47,6 +47,10 @@ class ClusterEngine:
         addresses = list(workers)
         for address in addresses:
             p.parse_address(address)
+        repeated = sorted({a for a in addresses if addresses.count(a) > 1})
+        if repeated:
+            raise EngineError(f"worker {', '.join(repeated)} is listed more than once in --workers; "
+                              "a worker serves one node (start one worker per port)")
         try:
             self.spin_us = net_spin_us()
         except ValueError as error:
