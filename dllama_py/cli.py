@@ -59,6 +59,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", default=None,
                    help="shared secret the workers must know (default: $DLLAMA_SECRET); authenticates, "
                         "does not encrypt")
+    p.add_argument("--shares", nargs="+", type=float, default=None, metavar="S",
+                   help="with --workers: each node's relative share of every layer, root first (default: "
+                        "equal), e.g. --shares 2 1 1 gives the root half of the heads, feed-forward rows "
+                        "and vocabulary; give a faster computer a bigger share")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -152,13 +156,16 @@ def load_tokenizer(path: str):  # -> Tokenizer
 def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Engine
     """A LocalEngine, or a cluster engine when --workers are given."""
     check_threads(args.nthreads)
+    if args.shares is not None and not args.workers:
+        raise UserError("--shares splits the model between the nodes of a cluster: give --workers too")
     if args.workers:
         from dllama_py.cluster.root import ClusterEngine
 
         secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
         return ClusterEngine(args.model, args.workers, threads=args.nthreads, buffer_type=args.buffer_float_type,
                              max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage,
-                             max_batch=args.nbatches, secret=secret, log=log, mmap_weights=args.mmap_weights)
+                             max_batch=args.nbatches, secret=secret, log=log, mmap_weights=args.mmap_weights,
+                             shares=args.shares)
     from dllama_py.engine import LocalEngine
 
     return LocalEngine(args.model, threads=args.nthreads, buffer_type=args.buffer_float_type,

@@ -15,7 +15,9 @@ Slices may be unequal: any N from 1 to n_kv_heads works when the block sizes all
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -41,6 +43,34 @@ def split_evenly(total: int, parts: int, unit: int = 1) -> list[tuple[int, int]]
         out.append((start, start + size))
         start += size
     return out
+
+
+def split_weighted(total: int, shares: Sequence[float], unit: int = 1) -> list[tuple[int, int]]:
+    """Split range(total) like split_evenly, but with range i sized in proportion to shares[i]
+    (largest remainders get the leftover units); every range gets at least one unit."""
+    units, parts = total // unit, len(shares)
+    weight = sum(shares)
+    ideal = [units * share / weight for share in shares]
+    counts = [max(1, int(x)) for x in ideal]
+    # too many units (the minimum of one pushed some up): take from the largest counts
+    while sum(counts) > units:
+        i = max((i for i in range(parts) if counts[i] > 1), key=lambda i: (counts[i] - ideal[i], counts[i]))
+        counts[i] -= 1
+    # too few: give to the ranges furthest below their ideal size
+    while sum(counts) < units:
+        i = max(range(parts), key=lambda i: (ideal[i] - counts[i], -i))
+        counts[i] += 1
+    out, start = [], 0
+    for count in counts:
+        out.append((start, start + count * unit))
+        start += count * unit
+    return out
+
+
+def _split(total: int, parts: int, shares: Sequence[float] | None, unit: int = 1) -> list[tuple[int, int]]:
+    if shares is None or len(set(shares)) == 1:
+        return split_evenly(total, parts, unit)
+    return split_weighted(total, shares, unit)
 
 
 @dataclass(frozen=True)
@@ -110,18 +140,30 @@ class Plan:
         return len(self.nodes)
 
     @staticmethod
-    def make(config: ModelConfig, n_nodes: int) -> Plan:
+    def make(config: ModelConfig, n_nodes: int, shares: Sequence[float] | None = None) -> Plan:
         """Plan `n_nodes` nodes for `config`; raises PlanError saying why a size is impossible
-        and which sizes would work."""
-        problem = _problem(config, n_nodes)
+        and which sizes would work. `shares` (one positive number per node, root first) sizes
+        every node's part of the KV heads, feed-forward rows and vocabulary in proportion, e.g.
+        (2, 1) for a root twice as fast as its worker; None splits evenly."""
+        if shares is not None:
+            try:
+                shares = [float(x) for x in shares]
+            except (TypeError, ValueError):
+                raise PlanError(f"--shares must be numbers, got {shares!r}") from None
+            if len(shares) != n_nodes:
+                raise PlanError(f"--shares needs one number per node, root first: {n_nodes} for {n_nodes} nodes, "
+                                f"got {len(shares)}")
+            if not all(math.isfinite(x) and x > 0 for x in shares):
+                raise PlanError(f"--shares must be positive numbers, got {' '.join(f'{x:g}' for x in shares)}")
+        problem = _problem(config, n_nodes, shares)
         if problem:
             valid = [n for n in range(1, config.n_kv_heads + 1) if not _problem(config, n)]
             raise PlanError(f"cannot split this model over {n_nodes} nodes: {problem}; "
                             f"node counts that work: {', '.join(map(str, valid))}")
         ff_unit = BLOCK if config.weight_float_type.block_values > 1 else 1
-        kv = split_evenly(config.n_kv_heads, n_nodes)
-        ff = split_evenly(config.ff_dim, n_nodes, ff_unit)
-        vocab = split_evenly(config.vocab_size, n_nodes)
+        kv = _split(config.n_kv_heads, n_nodes, shares)
+        ff = _split(config.ff_dim, n_nodes, shares, ff_unit)
+        vocab = _split(config.vocab_size, n_nodes, shares)
         nodes = tuple(
             NodeSlice(i, kv[i][0], kv[i][1], ff[i][0], ff[i][1], vocab[i][0], vocab[i][1],
                       config.head_dim, config.n_kv_groups)
@@ -206,8 +248,8 @@ class Plan:
         return "\n".join(lines)
 
 
-def _problem(config: ModelConfig, n_nodes: int) -> str | None:
-    """Why `n_nodes` cannot run `config`, or None when it can."""
+def _problem(config: ModelConfig, n_nodes: int, shares: Sequence[float] | None = None) -> str | None:
+    """Why `n_nodes` (with `shares`) cannot run `config`, or None when it can."""
     if n_nodes < 1:
         return "a cluster needs at least one node"
     if n_nodes > config.n_kv_heads:
@@ -215,7 +257,7 @@ def _problem(config: ModelConfig, n_nodes: int) -> str | None:
     quantized = config.weight_float_type in (FloatType.Q40, FloatType.Q80)
     if quantized:
         per_kv = config.n_kv_groups * config.head_dim
-        for start, stop in split_evenly(config.n_kv_heads, n_nodes):
+        for start, stop in _split(config.n_kv_heads, n_nodes, shares):
             if ((stop - start) * per_kv) % BLOCK:
                 return (f"a node's share of wo would be {(stop - start) * per_kv} columns, "
                         f"not a whole number of {BLOCK}-value blocks")

@@ -62,6 +62,7 @@ def reference(testdata: Path) -> list[dict]:
 
 def make_engine(model: Path, workers: list[WorkerProcess], nodes: int, **kw) -> LocalEngine | ClusterEngine:
     if nodes == 1:
+        kw.pop("shares", None)
         return LocalEngine(model, threads=1, **kw)
     return ClusterEngine(model, [w.address for w in workers[: nodes - 1]], threads=1, log=quiet, progress=False, **kw)
 
@@ -83,8 +84,10 @@ def test_greedy_text_equals_llama2c_on_any_node_count(stories, workers, referenc
         engine.close()
 
 
-@pytest.mark.parametrize("nodes", [2, 3, 4])
-def test_f32_logits_on_n_nodes_equal_one_node(stories, workers, nodes):
+@pytest.mark.parametrize("nodes,shares", [(2, None), (3, None), (4, None), (2, [3, 1]), (3, [1, 2, 1]),
+                                          (4, [1, 1, 1, 5])])
+def test_f32_logits_on_n_nodes_equal_one_node(stories, workers, nodes, shares):
+    """Any node count, with even or weighted slices (--shares), computes what one node does."""
     model, _ = stories
     rng = np.random.default_rng(nodes)
     tokens = [1] + rng.integers(3, 512, size=40).tolist()
@@ -94,7 +97,9 @@ def test_f32_logits_on_n_nodes_equal_one_node(stories, workers, nodes):
     single.step(tokens[32:], 32, all_logits=True)
     want.append(single.logits().copy())
     single.close()
-    engine = make_engine(model, workers, nodes)
+    engine = make_engine(model, workers, nodes, shares=shares)
+    if shares is not None:
+        assert len({s.ff_width for s in engine.plan.nodes}) > 1  # the slices really differ
     try:
         engine.step(tokens[:32], 0, all_logits=True)
         got = [engine.logits().copy()]
@@ -526,6 +531,22 @@ def test_dllama_inference_command_across_workers_prints_text_and_traffic(stories
     assert set(traffic) == {"0", "1", "2"} and all(float(v) > 0 for v in traffic.values())
     assert "Traceback" not in out.stderr
 
+
+
+def test_shares_flag_weights_the_plan_and_keeps_the_text(stories, workers, reference):
+    model, tok = stories
+    base = [sys.executable, "-m", "dllama_py.cli", "inference", "--model", str(model), "--tokenizer", str(tok),
+            "--prompt", "Once upon a time", "--steps", "20", "--temperature", "0", "--nthreads", "1"]
+    out = subprocess.run(base + ["--workers", workers[0].address, "--shares", "3", "1"],
+                         capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(reference[0]["text"][:40])
+    assert "node 0 (root): KV heads 0-2," in out.stderr and "node 1 (worker" in out.stderr and "KV heads 3-3" in out.stderr
+    for extra, message in [(["--shares", "1", "2"], "give --workers too"),
+                           (["--workers", workers[0].address, "--shares", "1"], "one number per node"),
+                           (["--workers", workers[0].address, "--shares", "1", "0"], "positive")]:
+        bad = subprocess.run(base + extra, capture_output=True, text=True, cwd=REPO, timeout=60)
+        assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 def test_demo_runs_two_nodes_and_cleans_up():
     out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "demo", "--steps", "8"], capture_output=True,

@@ -162,6 +162,7 @@ class Setup:
     kv_storage: str
     timeout_ms: int
     model_id: str  # the model's fingerprint (cluster/slice_cache.py)
+    shares: list[float] | None = None  # every node's relative share of the work (plan.py); None: equal
 
     def encode(self) -> bytes:
         return json.dumps(self.__dict__).encode("utf-8")

@@ -43,7 +43,8 @@ class ClusterEngine:
     def __init__(self, model_path: str | os.PathLike[str], workers: list[str], threads: int | None = None,
                  buffer_type: str | None = None, max_seq_len: int | None = None, kv_storage: str = "ram",
                  max_batch: int = 32, secret: str | None = None, log: Callable[[str], None] = print,
-                 timeout_ms: int = DEFAULT_TIMEOUT_MS, progress: bool = True, mmap_weights: bool = False) -> None:
+                 timeout_ms: int = DEFAULT_TIMEOUT_MS, progress: bool = True, mmap_weights: bool = False,
+                 shares: list[float] | None = None) -> None:
         addresses = list(workers)
         for address in addresses:
             p.parse_address(address)
@@ -63,7 +64,7 @@ class ClusterEngine:
         if threads is not None:
             kernels.set_num_threads(threads)
         try:
-            self.plan = Plan.make(c, 1 + len(addresses))
+            self.plan = Plan.make(c, 1 + len(addresses), shares)
         except PlanError as error:
             raise EngineError(str(error)) from None
         self.seq_len, note = choose_seq_len(c, self.plan, max_seq_len)
@@ -73,7 +74,7 @@ class ClusterEngine:
         log(self.plan.describe(self.seq_len, self.addresses))
         self.model_id = model_fingerprint(self.model)
         self.cached = [False] * self.plan.n_nodes  # which workers read their slices from their cache
-        self.mesh = self._connect(addresses, secret, kv_storage, timeout_ms)
+        self.mesh = self._connect(addresses, secret, kv_storage, timeout_ms, shares)
         try:
             self._ship_weights(progress)
             weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(c), progress)
@@ -104,7 +105,8 @@ class ClusterEngine:
                                kernels.get_num_threads(), [note] if note else [])
 
     # ---- setup ----------------------------------------------------------------------------
-    def _connect(self, addresses: list[str], secret: str | None, kv_storage: str, timeout_ms: int) -> _core.Mesh:
+    def _connect(self, addresses: list[str], secret: str | None, kv_storage: str, timeout_ms: int,
+                 shares: list[float] | None) -> _core.Mesh:
         session = p.new_nonce().hex()
         socks: list[socket.socket] = []
         try:
@@ -115,7 +117,7 @@ class ClusterEngine:
             for index, sock in enumerate(socks, start=1):
                 setup = p.Setup(session, index, self.addresses, [(int(k), v) for k, v in self.config.header_items()],
                                 self.buffer_type, self.seq_len, self.max_batch, kv_storage, timeout_ms,
-                                self.model_id)
+                                self.model_id, list(shares) if shares is not None else None)
                 p.send_frame(sock, p.pack(p.MsgType.SETUP, setup.encode()))
             for address, sock in zip(addresses, socks):
                 sock.settimeout(CONNECT_TIMEOUT_S * 4)

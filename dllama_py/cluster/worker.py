@@ -138,7 +138,7 @@ class Heartbeat:
 def check_setup(setup: p.Setup) -> Plan:
     """The plan of a root's setup; raises ValueError saying why this worker cannot serve it."""
     config = ModelConfig.from_header(setup.header)  # ConfigError names the problem
-    plan = Plan.make(config, len(setup.addresses))  # PlanError says why and what would work
+    plan = Plan.make(config, len(setup.addresses), setup.shares)  # PlanError says why and what would work
     if not 1 <= setup.node_index < plan.n_nodes:
         raise ValueError(f"node index {setup.node_index} is not a worker of a {plan.n_nodes}-node plan")
     if setup.buffer_type not in BUFFER_TYPES:

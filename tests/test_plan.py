@@ -1,0 +1,97 @@
+"""The slicing plan (dllama_py/plan.py): every row of every tensor belongs to exactly one node
+(or to all, for the tensors every node holds), for even splits and for weighted `shares`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dllama_py.config import ArchType, FloatType, ModelConfig
+from dllama_py.formats.model_file import tensor_specs
+from dllama_py.plan import Plan, PlanError, split_evenly, split_weighted
+
+
+def llama(weight_type: FloatType = FloatType.Q40, n_kv_heads: int = 8, **kw) -> ModelConfig:
+    args = dict(arch=ArchType.LLAMA, dim=512, hidden_dim=1408, n_layers=2, n_heads=16, n_kv_heads=n_kv_heads,
+                vocab_size=1000, max_seq_len=256, weight_float_type=weight_type, rope_theta=10000)
+    args.update(kw)
+    return ModelConfig(**args)
+
+
+def covered_once(ranges: list[tuple[int, int]], total: int, unit: int = 1) -> bool:
+    """The ranges are contiguous, start at 0, end at the last whole unit, each is non-empty."""
+    return (ranges[0][0] == 0 and ranges[-1][1] == total // unit * unit
+            and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+            and all(stop > start and (stop - start) % unit == 0 for start, stop in ranges))
+
+
+@pytest.mark.parametrize("shares", [[1, 1], [2, 1], [1, 3], [5, 1, 1], [1, 2, 1], [1, 1, 1, 100], [0.3, 0.7]])
+@pytest.mark.parametrize("total,unit", [(8, 1), (1000, 1), (1408, 32), (8192, 32)])
+def test_weighted_split_covers_everything_once_in_proportion(shares, total, unit):
+    ranges = split_weighted(total, shares, unit)
+    assert len(ranges) == len(shares) and covered_once(ranges, total, unit)
+    units = total // unit
+    for (start, stop), share in zip(ranges, shares):
+        ideal = units * share / sum(shares)
+        # the largest remainder method: within one unit of the ideal, except where the minimum of
+        # one unit per range had to be taken from the others
+        assert abs((stop - start) // unit - ideal) < 1 + len(shares), (ranges, shares)
+
+
+def test_equal_shares_split_like_split_evenly():
+    config = llama()
+    for n in (1, 2, 3, 4, 8):
+        assert Plan.make(config, n, [2.5] * n) == Plan.make(config, n)
+    assert split_weighted(1408, [1, 1, 1], 32) == split_evenly(1408, 3, 32)
+
+
+def test_two_to_one_gives_the_root_about_two_thirds():
+    plan = Plan.make(llama(), 2, [2, 1])
+    root, worker = plan.nodes
+    assert (root.n_kv_heads, worker.n_kv_heads) == (5, 3)  # 8 heads: 5.33 / 2.67
+    assert root.ff_width == 928 and worker.ff_width == 480  # 44 blocks: 29.33 / 14.67 -> 29 / 15
+    assert (root.vocab_width, worker.vocab_width) == (667, 333)
+    assert plan.node_weight_bytes(0) > 1.8 * plan.node_weight_bytes(1)
+
+
+@pytest.mark.parametrize("weight_type", [FloatType.F32, FloatType.Q40])
+@pytest.mark.parametrize("n,shares", [(1, None), (2, None), (3, None), (2, [3, 1]), (3, [1, 2, 1]), (4, [1, 1, 1, 9])])
+def test_every_row_of_every_tensor_has_exactly_one_owner(weight_type, n, shares):
+    config = llama(weight_type)
+    plan = Plan.make(config, n, shares)
+    for spec in tensor_specs(config):
+        rows, cols = spec.shape
+        owners = np.zeros((rows, cols), dtype=np.int32)
+        for node in range(n):
+            cut = plan.cut(spec.name, node)
+            if cut.kind == "rows":
+                owners[cut.start:cut.stop] += 1
+            elif cut.kind == "cols":
+                owners[:, cut.start:cut.stop] += 1
+                if weight_type == FloatType.Q40:
+                    assert cut.start % 32 == 0 and cut.stop % 32 == 0, (spec.name, cut)
+            elif cut.kind == "full":
+                owners += 1 if node == 0 else 0  # held by every node; counted once
+            else:  # the root's alone (the embedding): every node sees the same answer
+                assert cut.kind == "root"
+                owners += 1 if node == 0 else 0
+        assert (owners == 1).all(), spec.name
+
+
+@pytest.mark.parametrize("shares,message", [
+    ([1], "one number per node"),
+    ([1, 2, 3], "one number per node"),
+    ([1, 0], "positive"),
+    ([1, -2], "positive"),
+    ([1, float("nan")], "positive"),
+    (["a", 1], "numbers"),
+    (5, "numbers"),
+])
+def test_bad_shares_are_refused_with_the_reason(shares, message):
+    with pytest.raises(PlanError, match=message):
+        Plan.make(llama(), 2, shares)
+
+
+def test_more_nodes_than_kv_heads_is_refused_with_the_counts_that_work():
+    with pytest.raises(PlanError, match="node counts that work: 1, 2, 3, 4"):
+        Plan.make(llama(n_kv_heads=4), 5)
