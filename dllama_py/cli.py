@@ -59,10 +59,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", default=None,
                    help="shared secret the workers must know (default: $DLLAMA_SECRET); authenticates, "
                         "does not encrypt")
-    p.add_argument("--shares", nargs="+", type=float, default=None, metavar="S",
+    p.add_argument("--shares", nargs="+", default=None, metavar="S",
                    help="with --workers: each node's relative share of every layer, root first (default: "
                         "equal), e.g. --shares 2 1 1 gives the root half of the heads, feed-forward rows "
-                        "and vocabulary; give a faster computer a bigger share")
+                        "and vocabulary; give a faster computer a bigger share. 'auto' sets them from "
+                        "every node's measured memory read bandwidth (each worker logs its own)")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
@@ -158,6 +159,15 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
     check_threads(args.nthreads)
     if args.shares is not None and not args.workers:
         raise UserError("--shares splits the model between the nodes of a cluster: give --workers too")
+    shares = args.shares
+    if shares is not None and shares != ["auto"]:
+        try:
+            shares = [float(x) for x in shares]
+        except ValueError:
+            raise UserError(f"--shares takes one number per node (root first) or 'auto', got {' '.join(shares)}") \
+                from None
+    elif shares == ["auto"]:
+        shares = "auto"
     if args.workers:
         from dllama_py.cluster.root import ClusterEngine
 
@@ -165,7 +175,7 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
         return ClusterEngine(args.model, args.workers, threads=args.nthreads, buffer_type=args.buffer_float_type,
                              max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage,
                              max_batch=args.nbatches, secret=secret, log=log, mmap_weights=args.mmap_weights,
-                             shares=args.shares)
+                             shares=shares)
     from dllama_py.engine import LocalEngine
 
     return LocalEngine(args.model, threads=args.nthreads, buffer_type=args.buffer_float_type,

@@ -135,3 +135,18 @@ def matmul(x: np.ndarray, w: np.ndarray, weight_type: str, y: npt.NDArray[np.flo
         matmul_q80_q40x16_f32(x, w, y)
     else:
         raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+
+
+def measure_read_bandwidth(mib: int = 256, runs: int = 5) -> float:
+    """This computer's memory read bandwidth in GB/s with the current thread count: the median
+    of `runs` passes over a `mib` MiB buffer (far larger than any cache). About 0.1-0.3 s."""
+    import time
+
+    buf = np.ones(mib << 20, dtype=np.uint8)  # touched, so the reads hit real memory
+    stream_read(buf)
+    seconds = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        stream_read(buf)
+        seconds.append(time.perf_counter() - start)
+    return buf.nbytes / sorted(seconds)[runs // 2] / 1e9

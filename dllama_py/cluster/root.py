@@ -44,7 +44,7 @@ class ClusterEngine:
                  buffer_type: str | None = None, max_seq_len: int | None = None, kv_storage: str = "ram",
                  max_batch: int = 32, secret: str | None = None, log: Callable[[str], None] = print,
                  timeout_ms: int = DEFAULT_TIMEOUT_MS, progress: bool = True, mmap_weights: bool = False,
-                 shares: list[float] | None = None) -> None:
+                 shares: list[float] | str | None = None) -> None:
         addresses = list(workers)
         for address in addresses:
             p.parse_address(address)
@@ -63,18 +63,33 @@ class ClusterEngine:
             raise EngineError(f"--buffer-float-type must be one of {', '.join(BUFFER_TYPES)}")
         if threads is not None:
             kernels.set_num_threads(threads)
+        auto = shares == "auto"
         try:
-            self.plan = Plan.make(c, 1 + len(addresses), shares)
+            self.plan = Plan.make(c, 1 + len(addresses), None if auto else shares)  # refuses bad counts early
         except PlanError as error:
             raise EngineError(str(error)) from None
-        self.seq_len, note = choose_seq_len(c, self.plan, max_seq_len)
         self.max_batch = max_batch
         self.addresses = ["root"] + addresses
         self.log = log
-        log(self.plan.describe(self.seq_len, self.addresses))
         self.model_id = model_fingerprint(self.model)
         self.cached = [False] * self.plan.n_nodes  # which workers read their slices from their cache
-        self.mesh = self._connect(addresses, secret, kv_storage, timeout_ms, shares)
+        socks, bandwidths = self._handshakes(addresses, secret)
+        try:
+            if auto:  # every node's share in proportion to its memory read bandwidth
+                shares = [kernels.measure_read_bandwidth()] + bandwidths
+                log("memory read bandwidth (GB/s), which sets the shares: "
+                    + ", ".join(f"{name} {gbps:.1f}" for name, gbps in zip(self.addresses, shares)))
+                try:
+                    self.plan = Plan.make(c, 1 + len(addresses), shares)
+                except PlanError as error:
+                    raise EngineError(str(error)) from None
+            self.seq_len, note = choose_seq_len(c, self.plan, max_seq_len)
+            log(self.plan.describe(self.seq_len, self.addresses))
+            self.mesh = self._setup(socks, addresses, kv_storage, timeout_ms, shares)
+        except BaseException:
+            for sock in socks:
+                sock.close()
+            raise
         try:
             self._ship_weights(progress)
             weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(c), progress)
@@ -105,39 +120,51 @@ class ClusterEngine:
                                kernels.get_num_threads(), [note] if note else [])
 
     # ---- setup ----------------------------------------------------------------------------
-    def _connect(self, addresses: list[str], secret: str | None, kv_storage: str, timeout_ms: int,
-                 shares: list[float] | None) -> _core.Mesh:
-        session = p.new_nonce().hex()
+    def _handshakes(self, addresses: list[str], secret: str | None) -> tuple[list[socket.socket], list[float]]:
+        """Connect to every worker and authenticate; returns the sockets and every worker's
+        memory read bandwidth (GB/s). Every worker is inside its handshake before any gets its
+        setup, so the mesh connections workers open to each other wait in listen backlogs."""
         socks: list[socket.socket] = []
+        bandwidths: list[float] = []
         try:
-            # Every worker is inside its handshake before any gets its setup, so the mesh
-            # connections workers open to each other wait in listen backlogs, not in handshakes.
             for address in addresses:
-                socks.append(self._handshake(address, secret))
-            for index, sock in enumerate(socks, start=1):
-                setup = p.Setup(session, index, self.addresses, [(int(k), v) for k, v in self.config.header_items()],
-                                self.buffer_type, self.seq_len, self.max_batch, kv_storage, timeout_ms,
-                                self.model_id, list(shares) if shares is not None else None)
-                p.send_frame(sock, p.pack(p.MsgType.SETUP, setup.encode()))
-            for address, sock in zip(addresses, socks):
-                sock.settimeout(CONNECT_TIMEOUT_S * 4)
-                try:
-                    kind, body = p.unpack(p.recv_frame(sock), (p.MsgType.READY, p.MsgType.ERROR))
-                except (OSError, p.ProtocolError) as error:
-                    raise EngineError(f"worker {address} failed while connecting to the other workers: "
-                                      f"{error}") from None
-                if kind == p.MsgType.ERROR:
-                    reason = body.decode("utf-8", errors="replace")
-                    raise EngineError(f"worker {address} cannot serve this model: {reason}")
-                self.cached[self.addresses.index(address)] = body[:1] == bytes([p.READY_HAS_WEIGHTS])
-            fds = [-1] + [s.detach() for s in socks]
+                sock, gbps = self._handshake(address, secret)
+                socks.append(sock)
+                bandwidths.append(gbps)
         except BaseException:
-            for s in socks:
-                s.close()
+            for sock in socks:
+                sock.close()
             raise
+        return socks, bandwidths
+
+    def _setup(self, socks: list[socket.socket], addresses: list[str], kv_storage: str, timeout_ms: int,
+               shares: list[float] | None) -> _core.Mesh:
+        """Send every worker its setup, wait until the workers are connected to each other, and
+        hand the sockets to a Mesh (which owns them from then on)."""
+        session = p.new_nonce().hex()
+        for index, sock in enumerate(socks, start=1):
+            setup = p.Setup(session, index, self.addresses, [(int(k), v) for k, v in self.config.header_items()],
+                            self.buffer_type, self.seq_len, self.max_batch, kv_storage, timeout_ms,
+                            self.model_id, list(shares) if shares is not None else None)
+            try:
+                p.send_frame(sock, p.pack(p.MsgType.SETUP, setup.encode()))
+            except OSError as error:
+                raise EngineError(f"worker {addresses[index - 1]} went away during setup: {error}") from None
+        for address, sock in zip(addresses, socks):
+            sock.settimeout(CONNECT_TIMEOUT_S * 4)
+            try:
+                kind, body = p.unpack(p.recv_frame(sock), (p.MsgType.READY, p.MsgType.ERROR))
+            except (OSError, p.ProtocolError) as error:
+                raise EngineError(f"worker {address} failed while connecting to the other workers: "
+                                  f"{error}") from None
+            if kind == p.MsgType.ERROR:
+                reason = body.decode("utf-8", errors="replace")
+                raise EngineError(f"worker {address} cannot serve this model: {reason}")
+            self.cached[self.addresses.index(address)] = body[:1] == bytes([p.READY_HAS_WEIGHTS])
+        fds = [-1] + [s.detach() for s in socks]
         return open_mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms, self.spin_us)
 
-    def _handshake(self, address: str, secret: str | None) -> socket.socket:
+    def _handshake(self, address: str, secret: str | None) -> tuple[socket.socket, float]:
         host, port = p.parse_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
@@ -154,9 +181,12 @@ class ClusterEngine:
                                   "(check --secret / DLLAMA_SECRET on both sides)")
             if body[:1] == bytes([p.Welcome.BUSY]):
                 raise EngineError(f"worker {address} is busy with another root")
-            if not p.proofs_equal(body[1:], p.proof(secret, b"worker", nonce_r)):
+            if len(body) != 1 + 32 + p.BANDWIDTH.size:
+                raise p.ProtocolError("malformed WELCOME")
+            if not p.proofs_equal(body[1:33], p.proof(secret, b"worker", nonce_r)):
                 raise EngineError(f"worker {address} does not know this root's secret "
                                   "(check --secret / DLLAMA_SECRET on both sides)")
+            (gbps,) = p.BANDWIDTH.unpack_from(body, 33)
         except TimeoutError:
             sock.close()
             raise EngineError(f"worker {address} did not answer the handshake within {CONNECT_TIMEOUT_S:.0f} s "
@@ -167,7 +197,7 @@ class ClusterEngine:
         except BaseException:
             sock.close()
             raise
-        return sock
+        return sock, gbps
 
     def _ship_weights(self, progress: bool) -> None:
         """Stream every worker its slices (cut from the memory-mapped file, one tensor at a time)."""

@@ -36,7 +36,7 @@ def log(message: str) -> None:
     print(f"[worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def handshake(conn: socket.socket, secret: str | None) -> p.Setup:
+def handshake(conn: socket.socket, secret: str | None, bandwidth: float = 0.0) -> p.Setup:
     """Worker side of the root handshake; returns the root's setup or raises ProtocolError."""
     nonce_w = p.new_nonce()
     p.send_frame(conn, p.pack(p.MsgType.HELLO_WORKER, nonce_w))
@@ -45,9 +45,10 @@ def handshake(conn: socket.socket, secret: str | None) -> p.Setup:
         raise p.ProtocolError("malformed HELLO_ROOT")
     nonce_r, root_proof = body[: p.NONCE_BYTES], body[p.NONCE_BYTES:]
     if not p.proofs_equal(root_proof, p.proof(secret, b"root", nonce_w)):
-        p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(32)))
+        p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(36)))
         raise p.ProtocolError("the root does not know this worker's secret (check --secret / DLLAMA_SECRET)")
-    p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.OK]) + p.proof(secret, b"worker", nonce_r)))
+    p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.OK]) + p.proof(secret, b"worker", nonce_r)
+                              + p.BANDWIDTH.pack(bandwidth)))
     _, body = p.unpack(p.recv_frame(conn), p.MsgType.SETUP)
     return p.Setup.decode(body)
 
@@ -241,7 +242,7 @@ class BusyResponder:
                 sock.settimeout(2.0)
                 p.send_frame(sock, p.pack(p.MsgType.HELLO_WORKER, p.new_nonce()))
                 p.unpack(p.recv_frame(sock), p.MsgType.HELLO_ROOT)
-                p.send_frame(sock, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.BUSY]) + bytes(32)))
+                p.send_frame(sock, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.BUSY]) + bytes(36)))
                 log(f"told root {addr[0]}:{addr[1]} that this worker is {self.reason}")
             except (p.ProtocolError, OSError) as error:
                 log(f"refused connection from {addr[0]}:{addr[1]} during a session: {error}")
@@ -325,8 +326,10 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
     except OSError as error:
         print(f"error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
-    log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}"
-        + (", secret required" if secret else "") + (f", slice cache in {cache.dir}" if cache else ""))
+    bandwidth = kernels.measure_read_bandwidth()
+    log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}, "
+        f"memory read bandwidth {bandwidth:.1f} GB/s" + (", secret required" if secret else "")
+        + (f", slice cache in {cache.dir}" if cache else ""))
     try:
         while True:
             listener.settimeout(None)
@@ -334,7 +337,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
             who = f"{addr[0]}:{addr[1]}"
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             try:
-                setup = handshake(conn, secret)
+                setup = handshake(conn, secret, bandwidth)
             except Exception as error:  # noqa: BLE001 - whatever arrives, the worker keeps serving
                 log(f"refused connection from {who}: {error}")
                 conn.close()
