@@ -44,7 +44,8 @@ NS_ROOT, NS_WORKER = "dllama-bench-root", "dllama-bench-worker"
 ROOT_IP, WORKER_IP = "10.213.0.1", "10.213.0.2"
 
 
-def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, prompt_tokens: int) -> dict:
+def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, prompt_tokens: int,
+               shares: list[float] | str | None = None) -> dict:
     """Measure one configuration in this process (the root)."""
     from dllama_py.cluster.root import ClusterEngine
     from dllama_py.engine import LocalEngine
@@ -52,7 +53,7 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
     start = time.perf_counter()
     if workers:
         engine = ClusterEngine(model, workers, threads=threads, buffer_type="q80", max_seq_len=1024,
-                               log=lambda m: None, progress=False)
+                               log=lambda m: None, progress=False, shares=shares)
     else:
         engine = LocalEngine(model, threads=threads, buffer_type="q80", max_seq_len=1024)
     rng = np.random.default_rng(0)
@@ -67,6 +68,7 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
     for i in range(gen_tokens):
         stats.append(engine.step([token], prompt_tokens + i, need="argmax"))
         token = engine.argmax()
+    root_share = engine.plan.nodes[0].ff_width / engine.config.ff_dim
     engine.close()
     per_token = [s.compute_ms + s.sync_ms for s in stats]
     return {
@@ -76,6 +78,7 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
         "bytes_sent_per_token": statistics.median(s.bytes_sent for s in stats),
         "bytes_received_per_token": statistics.median(s.bytes_received for s in stats),
         "seconds_to_first_token": first_token_s,
+        "root_ff_share": root_share,
     }
 
 
@@ -164,10 +167,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--workers", nargs="*", default=[], help=argparse.SUPPRESS)
+    parser.add_argument("--shares", nargs="+", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.model = args.model or llama_1b_q40()
     if args.child:
-        print(json.dumps(run_config(args.model, args.threads, args.workers, args.gen_tokens, args.prompt_tokens)))
+        shares = args.shares if args.shares is None or args.shares != ["auto"] else "auto"
+        if isinstance(shares, list):
+            shares = [float(x) for x in shares]
+        print(json.dumps(run_config(args.model, args.threads, args.workers, args.gen_tokens, args.prompt_tokens,
+                                    shares)))
         return 0
 
     netns = not args.no_netns and netns_available()

@@ -137,16 +137,28 @@ def matmul(x: np.ndarray, w: np.ndarray, weight_type: str, y: npt.NDArray[np.flo
         raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
 
 
-def measure_read_bandwidth(mib: int = 256, runs: int = 5) -> float:
-    """This computer's memory read bandwidth in GB/s with the current thread count: the median
-    of `runs` passes over a `mib` MiB buffer (far larger than any cache). About 0.1-0.3 s."""
+def measure_matmul_speed(rows: int = 16384, cols: int = 8192, runs: int = 7) -> float:
+    """How fast this computer runs the decoding matmul: GB/s of Q40 weights that one B=1
+    product streams, on the current SIMD path and thread count, in the layout the engine uses.
+    Generation is this matmul over every weight, so a node's tokens/s is proportional to it
+    (whether memory or arithmetic is what limits the node). The 75 MB matrix is larger than
+    any cache; about 0.1-0.3 s in all."""
     import time
 
-    buf = np.ones(mib << 20, dtype=np.uint8)  # touched, so the reads hit real memory
-    stream_read(buf)
+    blocks = cols // 32
+    w = np.resize(np.arange(251, dtype=np.uint8), rows * blocks * 18).reshape(rows, blocks, 18)
+    w[:, :, 0], w[:, :, 1] = 0x00, 0x2C  # every block scale the f16 0.0625 (no inf/NaN/denormal)
+    w = w.reshape(rows, blocks * 18)
+    weight_type = "q40"
+    if q40x16_fast():
+        w, weight_type = repack_q40x16(w), "q40x16"
+    x = np.zeros((1, blocks * 34), dtype=np.uint8)
+    quantize_q80_into(np.linspace(-1, 1, cols, dtype=np.float32).reshape(1, cols), x)
+    y = np.zeros((1, rows), dtype=np.float32)
+    matmul(x, w, weight_type, y)
     seconds = []
     for _ in range(runs):
         start = time.perf_counter()
-        stream_read(buf)
+        matmul(x, w, weight_type, y)
         seconds.append(time.perf_counter() - start)
-    return buf.nbytes / sorted(seconds)[runs // 2] / 1e9
+    return w.nbytes / sorted(seconds)[runs // 2] / 1e9

@@ -342,7 +342,7 @@ def test_worker_that_dies_while_receiving_weights_is_named_with_the_tensor(stori
                 _, body = protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.HELLO_ROOT)
                 proof = protocol.proof(None, b"worker", body[: protocol.NONCE_BYTES])
                 protocol.send_frame(conn, protocol.pack(protocol.MsgType.WELCOME, bytes([protocol.Welcome.OK]) + proof
-                                                                  + protocol.BANDWIDTH.pack(1.0)))
+                                                                  + protocol.SPEED.pack(1.0)))
                 protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.SETUP)
                 protocol.send_frame(conn, protocol.pack(protocol.MsgType.READY))
                 received = 0
@@ -550,21 +550,21 @@ def test_shares_flag_weights_the_plan_and_keeps_the_text(stories, workers, refer
         assert bad.returncode != 0 and message in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
 
 
-def test_auto_shares_follow_every_nodes_measured_bandwidth(stories, workers, monkeypatch):
-    """--shares auto: every worker reports the bandwidth it measured at startup; the root adds
+def test_auto_shares_follow_every_nodes_measured_speed(stories, workers, monkeypatch):
+    """--shares auto: every worker reports the matmul speed it measured at startup; the root adds
     its own (here pretended to be 1000 GB/s) and weighs the plan by them."""
     from dllama_py import kernels
 
     model, _ = stories
-    reported = [float(re.search(r"memory read bandwidth ([\d.]+) GB/s", w.wait_for_line("listening on")).group(1))
+    reported = [float(re.search(r"matmul speed ([\d.]+) GB/s", w.wait_for_line("listening on")).group(1))
                 for w in workers[:2]]
     assert all(x > 0 for x in reported)
-    monkeypatch.setattr(kernels, "measure_read_bandwidth", lambda: 1000.0)
+    monkeypatch.setattr(kernels, "measure_matmul_speed", lambda: 1000.0)
     lines: list[str] = []
     engine = ClusterEngine(model, [w.address for w in workers[:2]], threads=1, log=lines.append, progress=False,
                            buffer_type="f32", shares="auto")
     try:
-        assert any("memory read bandwidth" in line and "root 1000.0" in line for line in lines), lines
+        assert any("matmul speed" in line and "root 1000.0" in line for line in lines), lines
         root, *rest = engine.plan.nodes
         assert all(root.ff_width > 5 * s.ff_width and s.ff_width > 0 for s in rest), engine.plan.nodes
         engine.step([1, 403], 0, need="argmax")

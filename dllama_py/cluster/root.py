@@ -73,11 +73,11 @@ class ClusterEngine:
         self.log = log
         self.model_id = model_fingerprint(self.model)
         self.cached = [False] * self.plan.n_nodes  # which workers read their slices from their cache
-        socks, bandwidths = self._handshakes(addresses, secret)
+        socks, speeds = self._handshakes(addresses, secret)
         try:
-            if auto:  # every node's share in proportion to its memory read bandwidth
-                shares = [kernels.measure_read_bandwidth()] + bandwidths
-                log("memory read bandwidth (GB/s), which sets the shares: "
+            if auto:  # every node's share in proportion to how fast it runs the decoding matmul
+                shares = [kernels.measure_matmul_speed()] + speeds
+                log("matmul speed (GB/s of q40 weights), which sets the shares: "
                     + ", ".join(f"{name} {gbps:.1f}" for name, gbps in zip(self.addresses, shares)))
                 try:
                     self.plan = Plan.make(c, 1 + len(addresses), shares)
@@ -122,20 +122,20 @@ class ClusterEngine:
     # ---- setup ----------------------------------------------------------------------------
     def _handshakes(self, addresses: list[str], secret: str | None) -> tuple[list[socket.socket], list[float]]:
         """Connect to every worker and authenticate; returns the sockets and every worker's
-        memory read bandwidth (GB/s). Every worker is inside its handshake before any gets its
+        matmul speed (GB/s of q40 weights). Every worker is inside its handshake before any gets its
         setup, so the mesh connections workers open to each other wait in listen backlogs."""
         socks: list[socket.socket] = []
-        bandwidths: list[float] = []
+        speeds: list[float] = []
         try:
             for address in addresses:
                 sock, gbps = self._handshake(address, secret)
                 socks.append(sock)
-                bandwidths.append(gbps)
+                speeds.append(gbps)
         except BaseException:
             for sock in socks:
                 sock.close()
             raise
-        return socks, bandwidths
+        return socks, speeds
 
     def _setup(self, socks: list[socket.socket], addresses: list[str], kv_storage: str, timeout_ms: int,
                shares: list[float] | None) -> _core.Mesh:
@@ -181,12 +181,12 @@ class ClusterEngine:
                                   "(check --secret / DLLAMA_SECRET on both sides)")
             if body[:1] == bytes([p.Welcome.BUSY]):
                 raise EngineError(f"worker {address} is busy with another root")
-            if len(body) != 1 + 32 + p.BANDWIDTH.size:
+            if len(body) != 1 + 32 + p.SPEED.size:
                 raise p.ProtocolError("malformed WELCOME")
             if not p.proofs_equal(body[1:33], p.proof(secret, b"worker", nonce_r)):
                 raise EngineError(f"worker {address} does not know this root's secret "
                                   "(check --secret / DLLAMA_SECRET on both sides)")
-            (gbps,) = p.BANDWIDTH.unpack_from(body, 33)
+            (gbps,) = p.SPEED.unpack_from(body, 33)
         except TimeoutError:
             sock.close()
             raise EngineError(f"worker {address} did not answer the handshake within {CONNECT_TIMEOUT_S:.0f} s "

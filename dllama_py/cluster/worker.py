@@ -36,7 +36,7 @@ def log(message: str) -> None:
     print(f"[worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def handshake(conn: socket.socket, secret: str | None, bandwidth: float = 0.0) -> p.Setup:
+def handshake(conn: socket.socket, secret: str | None, speed: float = 0.0) -> p.Setup:
     """Worker side of the root handshake; returns the root's setup or raises ProtocolError."""
     nonce_w = p.new_nonce()
     p.send_frame(conn, p.pack(p.MsgType.HELLO_WORKER, nonce_w))
@@ -48,7 +48,7 @@ def handshake(conn: socket.socket, secret: str | None, bandwidth: float = 0.0) -
         p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(36)))
         raise p.ProtocolError("the root does not know this worker's secret (check --secret / DLLAMA_SECRET)")
     p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.OK]) + p.proof(secret, b"worker", nonce_r)
-                              + p.BANDWIDTH.pack(bandwidth)))
+                              + p.SPEED.pack(speed)))
     _, body = p.unpack(p.recv_frame(conn), p.MsgType.SETUP)
     return p.Setup.decode(body)
 
@@ -326,9 +326,9 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
     except OSError as error:
         print(f"error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
-    bandwidth = kernels.measure_read_bandwidth()
+    speed = kernels.measure_matmul_speed()  # --shares auto weighs the nodes by it
     log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}, "
-        f"memory read bandwidth {bandwidth:.1f} GB/s" + (", secret required" if secret else "")
+        f"matmul speed {speed:.1f} GB/s of q40 weights" + (", secret required" if secret else "")
         + (f", slice cache in {cache.dir}" if cache else ""))
     try:
         while True:
@@ -337,7 +337,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
             who = f"{addr[0]}:{addr[1]}"
             conn.settimeout(HANDSHAKE_TIMEOUT_S)
             try:
-                setup = handshake(conn, secret, bandwidth)
+                setup = handshake(conn, secret, speed)
             except Exception as error:  # noqa: BLE001 - whatever arrives, the worker keeps serving
                 log(f"refused connection from {who}: {error}")
                 conn.close()
