@@ -564,7 +564,7 @@ def test_auto_shares_follow_every_nodes_measured_speed(stories, workers, monkeyp
     engine = ClusterEngine(model, [w.address for w in workers[:2]], threads=1, log=lines.append, progress=False,
                            buffer_type="f32", shares="auto")
     try:
-        assert any("matmul speed" in line and "root 1000.0" in line for line in lines), lines
+        assert any("matmul speed" in line and "root 1000.0" in line and "shares 19 1 1" in line for line in lines), lines
         root, *rest = engine.plan.nodes
         assert all(root.ff_width > 5 * s.ff_width and s.ff_width > 0 for s in rest), engine.plan.nodes
         engine.step([1, 403], 0, need="argmax")

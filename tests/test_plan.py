@@ -95,3 +95,12 @@ def test_bad_shares_are_refused_with_the_reason(shares, message):
 def test_more_nodes_than_kv_heads_is_refused_with_the_counts_that_work():
     with pytest.raises(PlanError, match="node counts that work: 1, 2, 3, 4"):
         Plan.make(llama(n_kv_heads=4), 5)
+
+
+def test_auto_shares_are_rounded_to_steady_5_percent_steps():
+    from dllama_py.cluster.root import auto_shares
+
+    assert auto_shares([35.0, 35.0]) == [10.0, 10.0]
+    assert auto_shares([48.0, 32.0]) == auto_shares([47.0, 33.0]) == auto_shares([49.0, 31.0]) == [12.0, 8.0]
+    assert auto_shares([1000.0, 30.0, 30.0]) == [19.0, 1.0, 1.0]
+    assert auto_shares([100.0, 0.1]) == [20.0, 1.0]  # every node keeps a share

@@ -37,6 +37,17 @@ CONNECT_TIMEOUT_S = 10.0
 DEFAULT_TIMEOUT_MS = 8000  # a silent worker is declared dead after this long
 
 
+AUTO_SHARE_STEPS = 20  # --shares auto rounds every node's share to 1/20 of the whole
+
+
+def auto_shares(speeds: list[float]) -> list[float]:
+    """Shares in proportion to the nodes' speeds, rounded to 5% steps (at least one step each):
+    measurements move a little from run to run, and a plan that stays the same keeps using the
+    workers' slice caches."""
+    total = sum(speeds)
+    return [float(max(1, round(AUTO_SHARE_STEPS * speed / total))) for speed in speeds]
+
+
 class ClusterEngine:
     """The model on this computer (node 0) and on every worker in `workers` (nodes 1..N)."""
 
@@ -76,9 +87,11 @@ class ClusterEngine:
         socks, speeds = self._handshakes(addresses, secret)
         try:
             if auto:  # every node's share in proportion to how fast it runs the decoding matmul
-                shares = [kernels.measure_matmul_speed()] + speeds
-                log("matmul speed (GB/s of q40 weights), which sets the shares: "
-                    + ", ".join(f"{name} {gbps:.1f}" for name, gbps in zip(self.addresses, shares)))
+                speeds = [kernels.measure_matmul_speed()] + speeds
+                shares = auto_shares(speeds)
+                log("matmul speed (GB/s of q40 weights): "
+                    + ", ".join(f"{name} {gbps:.1f}" for name, gbps in zip(self.addresses, speeds))
+                    + f"; shares {' '.join(f'{x:g}' for x in shares)}")
                 try:
                     self.plan = Plan.make(c, 1 + len(addresses), shares)
                 except PlanError as error:
