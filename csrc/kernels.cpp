@@ -220,21 +220,39 @@ PreparedQ80 prepare_q80_x16(const BlockQ80* x, int B, int nb) {
     return PreparedQ80{x, scale, nullptr, nullptr, nullptr, nullptr, nullptr, sums};
 }
 
+namespace {
+// `count` (at most 16) row-major rows of Q40 blocks starting at `group` -> out[0, nb); the
+// missing rows of a last, partial group are zeros.
+void repack_group(const BlockQ40* group, int count, int nb, BlockQ40x16* out) {
+    for (int k = 0; k < nb; k++) {
+        BlockQ40x16& o = out[k];
+        std::memset(&o, 0, sizeof(o));
+        for (int r = 0; r < count; r++) {
+            const BlockQ40& b = group[static_cast<size_t>(r) * nb + k];
+            o.d[r] = b.d;
+            for (int c = 0; c < 4; c++) std::memcpy(o.qs[c][r], b.qs + 4 * c, 4);
+        }
+    }
+}
+}  // namespace
+
 void repack_q40x16(const BlockQ40* w, int rows, int nb, BlockQ40x16* out) {
     const int groups = (rows + 15) / 16;
     parallel_blocks(static_cast<size_t>(groups), static_cast<size_t>(rows) * nb * QK, [&](size_t g0, size_t g1) {
+        for (size_t g = g0; g < g1; g++)
+            repack_group(w + g * 16 * nb, std::min(16, rows - static_cast<int>(g) * 16), nb, out + g * nb);
+    });
+}
+
+void repack_q40x16_inplace(BlockQ40* w, int rows, int nb) {
+    // A group of 16 rows takes the same bytes in both layouts: copy it aside, write it back regrouped.
+    const int groups = rows / 16;
+    parallel_blocks(static_cast<size_t>(groups), static_cast<size_t>(rows) * nb * QK, [&](size_t g0, size_t g1) {
+        std::vector<BlockQ40> group(static_cast<size_t>(16) * nb);
         for (size_t g = g0; g < g1; g++) {
-            for (int k = 0; k < nb; k++) {
-                BlockQ40x16& o = out[g * nb + k];
-                std::memset(&o, 0, sizeof(o));
-                for (int r = 0; r < 16; r++) {
-                    const size_t row = g * 16 + r;
-                    if (row >= static_cast<size_t>(rows)) break;
-                    const BlockQ40& b = w[row * nb + k];
-                    o.d[r] = b.d;
-                    for (int c = 0; c < 4; c++) std::memcpy(o.qs[c][r], b.qs + 4 * c, 4);
-                }
-            }
+            BlockQ40* rows_g = w + g * 16 * nb;
+            std::memcpy(group.data(), rows_g, group.size() * sizeof(BlockQ40));
+            repack_group(group.data(), 16, nb, reinterpret_cast<BlockQ40x16*>(rows_g));
         }
     });
 }

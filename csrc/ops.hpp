@@ -24,6 +24,8 @@ void matmul_q80_q80_f32(const BlockQ80* x, const BlockQ80* w, float* y, int B, i
 // Q40 weights regrouped 16 rows at a time (for the paths that put weight rows in vector lanes);
 // out holds ceil(rows/16) * nb blocks.
 void repack_q40x16(const BlockQ40* w, int rows, int nb, BlockQ40x16* out);
+// The same in place, for rows % 16 == 0 (the bytes of 16 rows become one row of Q40x16 blocks).
+void repack_q40x16_inplace(BlockQ40* w, int rows, int nb);
 void matmul_q80_q40x16_f32(const BlockQ80* x, const BlockQ40x16* w, float* y, int B, int rows, int n_blocks);
 // Several matrices against one input (q/k/v, or w1/w3): the input is prepared once and the rows
 // of all of them are split over the pool together. ws[m] holds rows[m] rows of Q40 (or Q80) blocks.

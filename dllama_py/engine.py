@@ -188,7 +188,8 @@ class LocalEngine:
         regroup = not mmap_weights
         weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(self.config))
         sync = LocalSync(self.buffer_type, max_batch, self.config.dim)
-        self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, regroup)
+        self.forward = NodeForward(self.plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, regroup,
+                                   release=self.model.release)
         if not mmap_weights:
             self.model.release()  # the weights were copied (or regrouped) out of the mapping
         self.x = np.zeros((max_batch, self.config.dim), dtype=np.float32)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, MutableMapping
 from types import SimpleNamespace
 from typing import Protocol
 
@@ -106,18 +106,32 @@ class NodeForward:
 
     `weights` maps tensor names (see formats.model_file.tensor_specs) to the node's slices as
     stored (f32, fp16 bits, or Q40/Q80 blocks), cut by `plan.cut`. With `regroup`, Q40 weights
-    are regrouped 16 rows at a time when the SIMD path has a faster kernel for that. Buffers are
+    are regrouped 16 rows at a time when the SIMD path has a faster kernel for that; the
+    regrouped arrays replace the originals in `weights` itself (the node takes it over), and
+    `release(name)` is called once a tensor was copied out of a mapped file. Buffers are
     allocated once for batches of up to `max_batch` rows.
     """
 
-    def __init__(self, plan: Plan, node: int, weights: Mapping[str, np.ndarray], sync: Sync,
-                 seq_len: int, max_batch: int = 32, kv_storage: str = "ram", regroup: bool = True) -> None:
+    def __init__(self, plan: Plan, node: int, weights: MutableMapping[str, np.ndarray], sync: Sync,
+                 seq_len: int, max_batch: int = 32, kv_storage: str = "ram", regroup: bool = True,
+                 release: Callable[[str], None] | None = None) -> None:
         c = self.config = plan.config
         s = self.slice = plan.nodes[node]
         self.wtype = c.weight_float_type.label
         if regroup and will_regroup(c):
-            # This SIMD path multiplies fastest with 16 weight rows per vector: regroup once at load.
-            weights = {name: kernels.repack_q40x16(w) if w.dtype == np.uint8 else w for name, w in weights.items()}
+            # This SIMD path multiplies fastest with 16 weight rows per vector: regroup once at
+            # load, in place, one tensor at a time, so that each original is freed as soon as its
+            # copy exists (a worker's peak is its slice plus one tensor, not twice its slice).
+            for name, w in list(weights.items()):
+                if w.dtype != np.uint8:
+                    continue
+                if w.flags.writeable and w.flags.c_contiguous and w.shape[0] % 16 == 0:
+                    weights[name] = kernels.repack_q40x16_inplace(w)  # received slices: no copy at all
+                else:
+                    weights[name] = kernels.repack_q40x16(w)  # views of the model file, odd row counts
+                    if release is not None:
+                        release(name)  # the file's pages of this tensor are no longer needed
+                del w
             self.wtype = "q40x16"
         self.w = weights
         self.sync = sync

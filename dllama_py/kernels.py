@@ -53,6 +53,7 @@ matmul_q80_q40_f32 = _core.matmul_q80_q40_f32
 matmul_q80_q80_f32 = _core.matmul_q80_q80_f32
 matmul_q80_q40x16_f32 = _core.matmul_q80_q40x16_f32
 repack_q40x16 = _core.repack_q40x16
+repack_q40x16_inplace = _core.repack_q40x16_inplace
 q40x16_fast = _core.q40x16_fast
 
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80")

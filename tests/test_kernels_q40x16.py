@@ -42,6 +42,27 @@ def test_repack_puts_each_rows_scale_and_nibble_quads_where_the_layout_says() ->
                 assert not scale.any() and not np.concatenate(quads).any()
 
 
+
+@pytest.mark.parametrize("nthreads", THREADS)
+@pytest.mark.parametrize("rows,nb", [(16, 1), (48, 3), (160, 64)])
+def test_in_place_repack_writes_the_same_bytes_into_the_weights_own_memory(nthreads, rows, nb) -> None:
+    rng = np.random.default_rng(rows)
+    w = quantize_q40_reference(rng.standard_normal((rows, nb * 32)).astype(np.float32))
+    expected = kernels.repack_q40x16(w)
+    with kernel_settings(kernels.get_isa(), nthreads):
+        packed = kernels.repack_q40x16_inplace(w)
+    assert np.shares_memory(packed, w) and packed.shape == expected.shape
+    np.testing.assert_array_equal(packed, expected)
+
+
+def test_in_place_repack_refuses_a_partial_group_and_read_only_weights() -> None:
+    with pytest.raises(ValueError, match="multiple of 16 rows"):
+        kernels.repack_q40x16_inplace(np.zeros((20, 18), np.uint8))
+    frozen = np.zeros((16, 18), np.uint8)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError):
+        kernels.repack_q40x16_inplace(frozen)
+
 @pytest.mark.parametrize("isa", PATHS)
 @pytest.mark.parametrize("nthreads", THREADS)
 @pytest.mark.parametrize("batch", (1, 7, 33))

@@ -186,6 +186,18 @@ void bind_kernels(py::module_& m) {
         }
         return out;
     }, py::arg("w"), "Q40 weights (rows, cols/32*18) regrouped 16 rows at a time: (ceil(rows/16), cols/32*288)");
+    m.def("repack_q40x16_inplace", [](py::array& w) {
+        uint8_t* wp = out_ptr<uint8_t>(w, "w");
+        if (w.ndim() != 2) throw py::value_error("w must be 2-D (rows, cols/32*18)");
+        const ssize_t nb = blocks_of_bytes(w, "w", sizeof(BlockQ40));
+        const int rows = static_cast<int>(w.shape(0));
+        if (rows % 16) throw py::value_error("in-place regrouping needs a multiple of 16 rows, got " + std::to_string(rows));
+        {
+            py::gil_scoped_release nogil;
+            repack_q40x16_inplace(reinterpret_cast<BlockQ40*>(wp), rows, static_cast<int>(nb));
+        }
+        return w.attr("reshape")(rows / 16, nb * static_cast<ssize_t>(sizeof(BlockQ40x16)));
+    }, py::arg("w"), "repack_q40x16 in w's own memory (rows a multiple of 16); returns w viewed as (rows/16, cols/32*288)");
     m.def("matmul_q80_q40x16_f32", [](const py::array& x, const py::array& w, py::array& y) {
         const uint8_t* xp = in_ptr<uint8_t>(x, "x");
         const uint8_t* wp = in_ptr<uint8_t>(w, "w");

@@ -108,7 +108,7 @@ class ClusterEngine:
             weights = load_node_weights(self.model, self.plan, 0, mmap_weights or will_regroup(c), progress)
             self.sync = MeshSync(self.mesh, 0, self.plan.n_nodes, self.buffer_type, max_batch, c.dim)
             self.forward = NodeForward(self.plan, 0, weights, self.sync, self.seq_len, max_batch, kv_storage,
-                                       regroup=not mmap_weights)
+                                       regroup=not mmap_weights, release=self.model.release)
             if not mmap_weights:
                 self.model.release()  # the weights were copied (or regrouped) out of the mapping
             self._wait_loaded()
