@@ -328,28 +328,33 @@ def test_worker_waiting_for_its_peers_gives_up_at_once_when_the_root_goes_away(s
         worker.stop()
 
 
+def fake_worker(server: socket.socket, after_ready) -> None:
+    """Accept one root on `server`, speak the handshake up to READY, then call after_ready(conn)."""
+    conn, _ = server.accept()
+    with conn:
+        protocol.send_frame(conn, protocol.pack(protocol.MsgType.HELLO_WORKER, protocol.new_nonce()))
+        _, body = protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.HELLO_ROOT)
+        proof = protocol.proof(None, b"worker", body[: protocol.NONCE_BYTES])
+        welcome = bytes([protocol.Welcome.OK]) + proof + protocol.SPEED.pack(1.0)
+        protocol.send_frame(conn, protocol.pack(protocol.MsgType.WELCOME, welcome))
+        protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.SETUP)
+        protocol.send_frame(conn, protocol.pack(protocol.MsgType.READY, bytes([0])))
+        after_ready(conn)
+
+
 def test_worker_that_dies_while_receiving_weights_is_named_with_the_tensor(stories):
     """A worker that vanishes halfway through loading: the root stops at once and says who and
     what was being loaded."""
     model, _ = stories
+
+    def leave_after_100_kb(conn: socket.socket) -> None:
+        received = 0
+        while received < 100_000:
+            received += len(conn.recv(65536))
+
     with socket.create_server(("127.0.0.1", 0)) as server:
         address = f"127.0.0.1:{server.getsockname()[1]}"
-
-        def fake_worker() -> None:  # speaks the handshake, then leaves after 100 kB of weights
-            conn, _ = server.accept()
-            with conn:
-                protocol.send_frame(conn, protocol.pack(protocol.MsgType.HELLO_WORKER, protocol.new_nonce()))
-                _, body = protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.HELLO_ROOT)
-                proof = protocol.proof(None, b"worker", body[: protocol.NONCE_BYTES])
-                protocol.send_frame(conn, protocol.pack(protocol.MsgType.WELCOME, bytes([protocol.Welcome.OK]) + proof
-                                                                  + protocol.SPEED.pack(1.0)))
-                protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.SETUP)
-                protocol.send_frame(conn, protocol.pack(protocol.MsgType.READY))
-                received = 0
-                while received < 100_000:
-                    received += len(conn.recv(65536))
-
-        thread = threading.Thread(target=fake_worker, daemon=True)
+        thread = threading.Thread(target=fake_worker, args=(server, leave_after_100_kb), daemon=True)
         thread.start()
         t0 = time.monotonic()
         with pytest.raises(EngineError) as error:
@@ -359,6 +364,30 @@ def test_worker_that_dies_while_receiving_weights_is_named_with_the_tensor(stori
     message = str(error.value)
     assert address in message and "while loading weights" in message and "loading layers." in message, message
 
+
+def test_worker_that_freezes_after_its_weights_arrived_stops_the_root_within_the_timeout(stories):
+    """A worker that takes every byte of its weights and then says nothing (no heartbeat, no
+    LOADED): the root gives up after its timeout and says so."""
+    model, _ = stories
+
+    def swallow_and_hang(conn: socket.socket) -> None:
+        conn.settimeout(10)
+        try:
+            while conn.recv(1 << 16):
+                pass
+        except OSError:
+            pass
+
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        thread = threading.Thread(target=fake_worker, args=(server, swallow_and_hang), daemon=True)
+        thread.start()
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as error:
+            ClusterEngine(model, [address], threads=1, log=quiet, progress=False, timeout_ms=1500)
+        assert 1.4 < time.monotonic() - t0 < 5
+    message = str(error.value)
+    assert address in message and "load its weights" in message and "timeout" in message, message
 
 def test_root_that_dies_while_shipping_weights_sends_the_worker_back_to_waiting(stories):
     model, tok = stories
