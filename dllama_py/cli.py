@@ -112,7 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "nodes before it sleeps (default 200 microseconds; 0 when this "
                                         "computer's cores are busy with other work).")
     worker.add_argument("--port", type=int, default=9998, help="TCP port to listen on (default 9998)")
-    worker.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    worker.add_argument("--host", default="0.0.0.0",
+                        help="address to listen on (default 0.0.0.0, every IPv4 address; :: for IPv6)")
     worker.add_argument("--nthreads", type=int, default=None, metavar="K", help="compute threads (default: all cores)")
     worker.add_argument("--secret", default=None,
                         help="shared secret a root must know (default: $DLLAMA_SECRET)")

@@ -569,6 +569,52 @@ def test_a_worker_listed_twice_is_refused_before_connecting(stories):
     with pytest.raises(EngineError, match="127.0.0.1:9 is listed more than once"):
         ClusterEngine(model, ["127.0.0.1:9", "127.0.0.1:8", "127.0.0.1:9"], threads=1, log=quiet, progress=False)
 
+
+def test_one_worker_under_two_names_is_refused(stories, workers):
+    model, _ = stories
+    alias = f"localhost:{workers[0].port}"
+    with pytest.raises(EngineError, match=f"{workers[0].address} and {alias} are the same worker"):
+        ClusterEngine(model, [workers[0].address, alias], threads=1, log=quiet, progress=False)
+    engine = ClusterEngine(model, [workers[0].address], threads=1, log=quiet, progress=False)  # still free
+    engine.close()
+
+
+def test_ipv6_addresses_are_parsed_in_brackets():
+    assert protocol.parse_address("[::1]:9998") == ("::1", 9998)
+    assert protocol.parse_address("[fd00::2]:1") == ("fd00::2", 1)
+    assert protocol.parse_address("pi.local:9998") == ("pi.local", 9998)
+    for bad in ("::1:9998", "[::1]", "10.0.0.2", "10.0.0.2:0", "10.0.0.2:70000", ":9998", "host:port"):
+        with pytest.raises(ValueError, match="HOST:PORT"):
+            protocol.parse_address(bad)
+
+
+def ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ipv6_loopback(), reason="this machine has no IPv6 loopback")
+def test_a_worker_on_ipv6(stories, reference):
+    model, tok = stories
+    with socket.socket(socket.AF_INET6) as s:
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    worker = WorkerProcess(extra=["--host", "::1", "--port", str(port)])
+    try:
+        engine = ClusterEngine(model, [f"[::1]:{port}"], threads=1, log=quiet, progress=False)
+        tokenizer = Tokenizer.load(tok)
+        case = reference[0]
+        result = Generator(engine, tokenizer).generate(tokenizer.encode(case["prompt"]), case["num_generated"],
+                                                       Sampler(0.0), stop_ids=[1])
+        engine.close()
+        assert result.generated_ids == case["generated_ids"]
+    finally:
+        worker.stop()
+
 def test_unreachable_worker_is_named(stories):
     model, _ = stories
     with socket.socket() as s:

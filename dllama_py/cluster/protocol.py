@@ -179,8 +179,13 @@ class Setup:
 
 
 def parse_address(text: str) -> tuple[str, int]:
-    """'host:port' -> (host, port); raises ValueError with the bad text."""
+    """'host:port' or '[ipv6]:port' -> (host, port); raises ValueError with the bad text."""
     host, sep, port = text.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        host = ""  # a bare IPv6 address: the port would be ambiguous
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"worker address {text!r} must look like HOST:PORT, e.g. 10.0.0.2:9998")
+        raise ValueError(f"worker address {text!r} must look like HOST:PORT, e.g. 10.0.0.2:9998 "
+                         "(an IPv6 address in brackets: [fd00::2]:9998)")
     return host, int(port)

@@ -139,9 +139,10 @@ class ClusterEngine:
         setup, so the mesh connections workers open to each other wait in listen backlogs."""
         socks: list[socket.socket] = []
         speeds: list[float] = []
+        seen: dict[tuple, str] = {}  # (ip, port) -> the address it was reached by
         try:
             for address in addresses:
-                sock, gbps = self._handshake(address, secret)
+                sock, gbps = self._handshake(address, secret, seen)
                 socks.append(sock)
                 speeds.append(gbps)
         except BaseException:
@@ -177,13 +178,19 @@ class ClusterEngine:
         fds = [-1] + [s.detach() for s in socks]
         return open_mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms, self.spin_us)
 
-    def _handshake(self, address: str, secret: str | None) -> tuple[socket.socket, float]:
+    def _handshake(self, address: str, secret: str | None, seen: dict[tuple, str]) -> tuple[socket.socket, float]:
         host, port = p.parse_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
         except OSError as error:
             raise EngineError(f"cannot connect to worker {address}: {error.strerror or error} "
                               "(is `dllama worker` running there?)") from None
+        peer = tuple(sock.getpeername()[:2])
+        if peer in seen:
+            sock.close()
+            raise EngineError(f"--workers {seen[peer]} and {address} are the same worker ({peer[0]} port {peer[1]}); "
+                              "a worker serves one node (start one worker per port)")
+        seen[peer] = address
         try:
             _, nonce_w = p.unpack(p.recv_frame(sock), p.MsgType.HELLO_WORKER)
             nonce_r = p.new_nonce()

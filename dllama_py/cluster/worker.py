@@ -322,7 +322,8 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
     if threads is not None:
         kernels.set_num_threads(threads)
     try:
-        listener = socket.create_server((host, port), reuse_port=False, backlog=16)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, port), family=family, reuse_port=False, backlog=16)
     except OSError as error:
         print(f"error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
         return 1
