@@ -152,7 +152,7 @@ def measure_matmul_speed(rows: int = 16384, cols: int = 8192, runs: int = 7) -> 
     w = w.reshape(rows, blocks * 18)
     weight_type = "q40"
     if q40x16_fast():
-        w, weight_type = repack_q40x16(w), "q40x16"
+        w, weight_type = repack_q40x16_inplace(w), "q40x16"
     x = np.zeros((1, blocks * 34), dtype=np.uint8)
     quantize_q80_into(np.linspace(-1, 1, cols, dtype=np.float32).reshape(1, cols), x)
     y = np.zeros((1, rows), dtype=np.float32)
