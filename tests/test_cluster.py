@@ -55,6 +55,17 @@ def workers():
         w.stop()
 
 
+def assert_serves_a_real_root(model: Path, tok: Path, worker: WorkerProcess) -> None:
+    """The worker (after whatever a test did to it) still runs a real root's greedy generation."""
+    engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
+    try:
+        tokenizer = Tokenizer.load(tok)
+        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
+    finally:
+        engine.close()
+    assert result.generated_ids[:3] == [432, 383, 286]
+
+
 @pytest.fixture(scope="module")
 def reference(testdata: Path) -> list[dict]:
     return json.loads((testdata / "reference" / "stories260K_greedy.json").read_text())["results"]
@@ -240,14 +251,9 @@ def test_worker_refuses_garbage_and_wrong_versions_then_serves_a_real_root(stori
         send_raw(worker.address, absurd)
         worker.wait_for_line("4294967280 bytes")
         assert worker.alive()
-        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
-        tokenizer = Tokenizer.load(tok)
-        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 10, Sampler(0.0))
-        engine.close()
-        assert result.generated_ids[:3] == [432, 383, 286]
+        assert_serves_a_real_root(model, tok, worker)
     finally:
         worker.stop()
-
 
 
 class FakeRoot:
@@ -296,14 +302,9 @@ def test_worker_refuses_a_setup_it_cannot_serve_and_tells_the_root_why(stories):
             assert kind == protocol.MsgType.ERROR and reason in body.decode(), (changes, body)
             worker.wait_for_line(reason)
         assert worker.alive()
-        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
-        tokenizer = Tokenizer.load(tok)
-        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
-        engine.close()
-        assert result.generated_ids[:3] == [432, 383, 286]
+        assert_serves_a_real_root(model, tok, worker)
     finally:
         worker.stop()
-
 
 
 def test_worker_waiting_for_its_peers_gives_up_at_once_when_the_root_goes_away(stories):
@@ -319,11 +320,7 @@ def test_worker_waiting_for_its_peers_gives_up_at_once_when_the_root_goes_away(s
         root.sock.close()
         worker.wait_for_line("root went away", timeout=5)
         assert time.monotonic() - t0 < 3
-        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
-        tokenizer = Tokenizer.load(tok)
-        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
-        engine.close()
-        assert result.generated_ids[:3] == [432, 383, 286]
+        assert_serves_a_real_root(model, tok, worker)
     finally:
         worker.stop()
 
@@ -389,6 +386,7 @@ def test_worker_that_freezes_after_its_weights_arrived_stops_the_root_within_the
     message = str(error.value)
     assert address in message and "load its weights" in message and "timeout" in message, message
 
+
 def test_root_that_dies_while_shipping_weights_sends_the_worker_back_to_waiting(stories):
     model, tok = stories
     worker = WorkerProcess()
@@ -405,13 +403,10 @@ def test_root_that_dies_while_shipping_weights_sends_the_worker_back_to_waiting(
         root.sock.close()
         line = worker.wait_for_line("waiting for the next root", timeout=5)
         assert f"loading {first.name}" in line and "closed by peer" in line, line
-        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False)
-        tokenizer = Tokenizer.load(tok)
-        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
-        engine.close()
-        assert result.generated_ids[:3] == [432, 383, 286]
+        assert_serves_a_real_root(model, tok, worker)
     finally:
         worker.stop()
+
 
 def test_root_reports_the_reason_a_worker_refused(tmp_path):
     """A context whose KV cache does not fit the worker's RAM: the root's error carries the
@@ -430,6 +425,7 @@ def test_root_reports_the_reason_a_worker_refused(tmp_path):
         assert worker.alive()
     finally:
         worker.stop()
+
 
 def test_two_roots_one_after_another_use_the_same_workers(stories, workers):
     model, tok = stories
@@ -477,8 +473,6 @@ def test_impossible_node_count_is_refused_with_what_would_work(stories):
     assert "5 nodes" in out.stderr and "1, 2, 3, 4" in out.stderr and "Traceback" not in out.stderr
 
 
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 def test_root_lets_go_of_the_mapped_model_once_slices_are_shipped(stories, workers):
     """Shipping slices reads the whole model through the root's mapping; those pages are let go,
@@ -524,6 +518,7 @@ def test_worker_holds_its_slice_once(tmp_path):
         worker.stop()
     assert slice_bytes > 15 * 2**20
     assert grown < 1.35 * slice_bytes, (grown / 2**20, slice_bytes / 2**20)
+
 
 @pytest.mark.parametrize("value", ["abc", "-5", "2000000"])
 def test_bad_spin_setting_is_refused_by_worker_and_root_without_traceback(stories, value):
@@ -615,6 +610,7 @@ def test_a_worker_on_ipv6(stories, reference):
     finally:
         worker.stop()
 
+
 def test_unreachable_worker_is_named(stories):
     model, _ = stories
     with socket.socket() as s:
@@ -638,7 +634,6 @@ def test_dllama_inference_command_across_workers_prints_text_and_traffic(stories
     traffic = dict(re.findall(r"node (\d): sent ([\d.]+) kB", out.stderr))
     assert set(traffic) == {"0", "1", "2"} and all(float(v) > 0 for v in traffic.values())
     assert "Traceback" not in out.stderr
-
 
 
 def test_shares_flag_weights_the_plan_and_keeps_the_text(stories, workers, reference):
@@ -678,6 +673,7 @@ def test_auto_shares_follow_every_nodes_measured_speed(stories, workers, monkeyp
         assert engine.argmax() == 407
     finally:
         engine.close()
+
 
 def test_demo_runs_two_nodes_and_cleans_up():
     out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "demo", "--steps", "8"], capture_output=True,
