@@ -122,7 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="keep the weight slices received in DIR and read them back when a root runs the "
                              "same model on the same plan again, instead of receiving them over the network "
                              "(worth it when the disk reads faster than the network; entries are folders "
-                             "you may delete at any time)")
+                             "you may delete at any time; the oldest go first when the disk would keep "
+                             "less than 5%% free)")
 
     demo = sub.add_parser("demo", help="make a small random model and run it on two local nodes",
                           description="Make a small random Llama model, start one worker on 127.0.0.1 and run "

@@ -4,11 +4,13 @@ runs the same model on the same plan ships it nothing. Real worker processes on 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cluster_helpers import WorkerProcess
 
@@ -110,3 +112,50 @@ def test_unusable_cache_dir_is_refused_at_start(tmp_path):
     out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port", "0",
                           "--cache-dir", str(not_a_dir / "sub")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot use" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+# ---- disk space, unit level ---------------------------------------------------------------------
+def fake_entry(cache_dir: Path, name: str, nbytes: int, age_s: float) -> Path:
+    import os
+    import time
+
+    entry = cache_dir / name
+    entry.mkdir()
+    (entry / "w.bin").write_bytes(bytes(nbytes))
+    (entry / "entry.json").write_text("{}")
+    when = time.time() - age_s
+    os.utime(entry, (when, when))
+    return entry
+
+
+def test_least_recently_used_entries_make_room_and_the_disk_keeps_its_reserve(tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    from dllama_py.cluster import slice_cache
+
+    cache = slice_cache.SliceCache(tmp_path, log=lambda m: None)
+    old, middle, new = (fake_entry(tmp_path, n, 1000, age) for n, age in (("old", 300), ("middle", 200), ("new", 100)))
+    Usage = namedtuple("Usage", "total used free")
+    monkeypatch.setattr(slice_cache, "RESERVE_MIN", 0)
+    # a 100 kB disk with 6 kB free keeps 5 kB: storing 2.5 kB needs the two oldest entries gone
+    monkeypatch.setattr(slice_cache.shutil, "disk_usage", lambda path: Usage(100_000, 94_000, 6_000))
+    assert cache.make_room(2_500)
+    assert not old.exists() and not middle.exists() and new.exists()
+    # more than the disk could ever give: nothing stored, nothing more deleted
+    writer = cache.writer("k" * 40, 10**9)
+    assert writer.failed and new.exists()
+    writer.write("x", np.zeros(4, np.uint8))
+    writer.commit()
+    assert not (tmp_path / ("k" * 40)).exists()
+
+
+def test_a_dead_workers_half_written_entry_is_removed_at_start(tmp_path):
+    from dllama_py.cluster.slice_cache import SliceCache
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".{'a' * 40}.{int(dead.stdout)}.123.tmp"
+    live = tmp_path / f".{'b' * 40}.{os.getpid()}.456.tmp"
+    stale.mkdir()
+    live.mkdir()
+    SliceCache(tmp_path, log=lambda m: None)
+    assert not stale.exists() and live.exists()

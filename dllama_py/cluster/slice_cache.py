@@ -16,7 +16,9 @@ An entry is a folder with one file per tensor and an `entry.json` that lists eve
 its size. The folder is written under a temporary name and renamed when complete, so a worker
 that dies while storing leaves no entry. An entry whose files do not match their listed
 sizes is deleted and shipped again. Nothing here checks the bytes themselves against
-corruption: the cache trusts its disk, as a model file does.
+corruption: the cache trusts its disk, as a model file does. Before storing, the least recently
+used entries are deleted until the disk keeps 5% (at least 1 GiB) free; if that is not enough,
+the entry is not stored.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from dllama_py.formats.model_file import ModelFile, tensor_specs
 from dllama_py.plan import Plan
 
 FORMAT = 1  # bump when the layout of an entry changes
+RESERVE_FRACTION = 0.05  # the cache never fills the disk beyond 95%...
+RESERVE_MIN = 1 << 30  # ...nor below 1 GiB free
 SAMPLES_PER_TENSOR = 16
 SAMPLE_BYTES = 4096
 
@@ -86,6 +90,14 @@ class SliceCache:
         self.dir = Path(root_dir).expanduser()
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = log
+        for tmp in self.dir.glob(".*.tmp"):  # left by a worker that died while storing
+            try:
+                pid = int(tmp.name.split(".")[2])
+                os.kill(pid, 0)  # still alive (another worker sharing this folder): leave it
+            except (ValueError, IndexError, ProcessLookupError):
+                shutil.rmtree(tmp, ignore_errors=True)
+            except PermissionError:
+                pass
 
     def _folder(self, key: str) -> Path:
         return self.dir / key
@@ -118,8 +130,36 @@ class SliceCache:
         os.utime(folder)  # most recently used
         return out
 
-    def writer(self, key: str) -> EntryWriter:
-        return EntryWriter(self, key)
+    def entries(self) -> list[Path]:
+        """Complete entries, least recently used first."""
+        found = [e for e in self.dir.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        return sorted(found, key=lambda e: e.stat().st_mtime)
+
+    def make_room(self, nbytes: int) -> bool:
+        """Delete least recently used entries until storing `nbytes` would leave the disk at least
+        RESERVE_FRACTION (and RESERVE_MIN bytes) free; False when even an empty cache is not enough."""
+        usage = shutil.disk_usage(self.dir)
+        reserve = max(RESERVE_MIN, int(usage.total * RESERVE_FRACTION))
+        free = usage.free
+        entries = [(e, sum(f.stat().st_size for f in e.iterdir() if f.is_file())) for e in self.entries()]
+        if free + sum(size for _, size in entries) - nbytes < reserve:  # deleting everything would not do
+            self.log(f"cache: not storing {nbytes / 2**20:.1f} MiB: the disk has {free / 2**20:.1f} MiB free "
+                     f"and keeps {reserve / 2**20:.1f} MiB for other uses")
+            return False
+        while free - nbytes < reserve:
+            oldest, size = entries.pop(0)
+            shutil.rmtree(oldest, ignore_errors=True)
+            free += size
+            self.log(f"cache: deleted entry {oldest.name[:12]} ({size / 2**20:.1f} MiB, least recently used) "
+                     "to make room")
+        return True
+
+    def writer(self, key: str, nbytes: int) -> EntryWriter:
+        """A writer for a new entry of `nbytes`; it stores nothing when the disk has no room."""
+        writer = EntryWriter(self, key)
+        if not writer.failed and not self.make_room(nbytes):
+            writer.abort()
+        return writer
 
 
 class EntryWriter:

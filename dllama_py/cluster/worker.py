@@ -189,7 +189,7 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
             weights = cache.load(key, plan, me)
             how = f"read {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights from the cache"
         else:
-            store = cache.writer(key) if key is not None else None
+            store = cache.writer(key, plan.node_weight_bytes(me)) if key is not None else None
             try:
                 weights = receive_weights(mesh, plan, me, store)
             except BaseException:
