@@ -126,11 +126,11 @@ class NodeForward:
                 if w.dtype != np.uint8:
                     continue
                 if w.flags.writeable and w.flags.c_contiguous and w.shape[0] % 16 == 0:
-                    weights[name] = kernels.repack_q40x16_inplace(w)  # received slices: no copy at all
+                    weights[name] = kernels.repack_q40x16_inplace(w)  # own memory (received, column cuts)
                 else:
                     weights[name] = kernels.repack_q40x16(w)  # views of the model file, odd row counts
-                    if release is not None:
-                        release(name)  # the file's pages of this tensor are no longer needed
+                if release is not None:
+                    release(name)  # whatever this tensor's pages of a mapped file: no longer needed
                 del w
             self.wtype = "q40x16"
         self.w = weights
