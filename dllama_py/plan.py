@@ -223,6 +223,12 @@ class Plan:
             total += spec.float_type.tensor_bytes(rows, cols)
         return total
 
+    def embedding_bytes(self) -> int:
+        """Bytes of the embedding table (held by the root, memory-mapped)."""
+        from dllama_py.formats.model_file import tensor_specs
+
+        return next(spec.nbytes for spec in tensor_specs(self.config) if spec.name == "embedding")
+
     def node_kv_cache_bytes(self, node: int, seq_len: int) -> int:
         """Bytes of node `node`'s KV cache (f32 keys and values) for `seq_len` positions."""
         s = self.nodes[node]
@@ -238,12 +244,16 @@ class Plan:
             if addresses and 0 < s.index < len(addresses):
                 where += f" {addresses[s.index]}"
             q0, q1 = s.q_rows
-            ram = self.node_weight_bytes(s.index) + self.node_kv_cache_bytes(s.index, seq_len)
+            # The root reads embedding rows from the mapped file as tokens need them: not in RAM.
+            embedding = self.embedding_bytes() if s.index == 0 else 0
+            ram = self.node_weight_bytes(s.index) - embedding + self.node_kv_cache_bytes(s.index, seq_len)
             lines.append(
                 f"  node {s.index} ({where}): KV heads {s.kv_start}-{s.kv_stop - 1}, "
                 f"query heads {q0 // c.head_dim}-{q1 // c.head_dim - 1}, "
                 f"ff rows {s.ff_start}-{s.ff_stop - 1} ({s.ff_width}), "
                 f"vocab {s.vocab_start}-{s.vocab_stop - 1}, RAM {ram / 2**20:.1f} MiB"
+                + (f" (+ the {embedding / 2**20:.0f} MiB embedding, read from the file as needed)"
+                   if embedding else "")
             )
         return "\n".join(lines)
 

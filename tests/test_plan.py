@@ -104,3 +104,14 @@ def test_auto_shares_are_rounded_to_steady_5_percent_steps():
     assert auto_shares([48.0, 32.0]) == auto_shares([47.0, 33.0]) == auto_shares([49.0, 31.0]) == [12.0, 8.0]
     assert auto_shares([1000.0, 30.0, 30.0]) == [19.0, 1.0, 1.0]
     assert auto_shares([100.0, 0.1]) == [20.0, 1.0]  # every node keeps a share
+
+
+def test_the_plan_table_counts_the_mapped_embedding_apart_from_the_roots_ram():
+    config = llama(FloatType.Q40)
+    plan = Plan.make(config, 2)
+    root_line, worker_line = plan.describe(64, ["root", "10.0.0.2:9998"]).splitlines()[1:]
+    embedding = config.vocab_size * config.dim * 4  # f32 rows, read from the file as tokens need them
+    root_ram = plan.node_weight_bytes(0) - embedding + plan.node_kv_cache_bytes(0, 64)
+    assert f"RAM {root_ram / 2**20:.1f} MiB (+ the {embedding / 2**20:.0f} MiB embedding" in root_line
+    worker_ram = plan.node_weight_bytes(1) + plan.node_kv_cache_bytes(1, 64)
+    assert worker_line.endswith(f"RAM {worker_ram / 2**20:.1f} MiB")
