@@ -59,6 +59,10 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--secret", default=None,
                    help="shared secret the workers must know (default: $DLLAMA_SECRET); authenticates, "
                         "does not encrypt")
+    p.add_argument("--net-timeout", type=float, default=None, metavar="S",
+                   help="with --workers: seconds any node waits for a silent peer before the cluster stops "
+                        "with an error naming it (default 8); raise it for nodes so slow that one layer of a "
+                        "prompt batch takes longer")
     p.add_argument("--shares", nargs="+", default=None, metavar="S",
                    help="with --workers: each node's relative share of every layer, root first (default: "
                         "equal), e.g. --shares 2 1 1 gives the root half of the heads, feed-forward rows "
@@ -161,6 +165,9 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
     check_threads(args.nthreads)
     if args.shares is not None and not args.workers:
         raise UserError("--shares splits the model between the nodes of a cluster: give --workers too")
+    if args.net_timeout is not None and not 0.1 <= args.net_timeout <= 3600:
+        raise UserError(f"--net-timeout must be between 0.1 and 3600 seconds, got {args.net_timeout:g}")
+    extra = {} if args.net_timeout is None else {"timeout_ms": int(args.net_timeout * 1000)}
     shares = args.shares
     if shares is not None and shares != ["auto"]:
         try:
@@ -177,7 +184,7 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
         return ClusterEngine(args.model, args.workers, threads=args.nthreads, buffer_type=args.buffer_float_type,
                              max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage,
                              max_batch=args.nbatches, secret=secret, log=log, mmap_weights=args.mmap_weights,
-                             shares=shares)
+                             shares=shares, **extra)
     from dllama_py.engine import LocalEngine
 
     return LocalEngine(args.model, threads=args.nthreads, buffer_type=args.buffer_float_type,

@@ -225,6 +225,30 @@ def test_frozen_worker_stops_the_root_within_10_seconds(stories):
         worker.stop()
 
 
+def test_net_timeout_flag_sets_how_long_a_frozen_worker_is_waited_for(stories):
+    """`dllama chat --net-timeout 1.5`: the root gives up on a frozen worker after 1.5 s (not 8)."""
+    model, tok = stories
+    worker = WorkerProcess()
+    try:
+        root = subprocess.Popen([sys.executable, "-m", "dllama_py.cli", "chat", "--model", str(model), "--tokenizer",
+                                 str(tok), "--chat-template", "llama2", "--nthreads", "1", "--workers", worker.address,
+                                 "--net-timeout", "1.5"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                cwd=REPO)
+        worker.wait_for_line("received")
+        time.sleep(0.5)
+        worker.proc.send_signal(signal.SIGSTOP)
+        start = time.monotonic()
+        out, err = root.communicate("Hello\n", timeout=30)
+        elapsed = time.monotonic() - start
+        assert root.returncode != 0 and worker.address in err and "timeout after 1500 ms" in err, err
+        assert elapsed < 6, elapsed
+        assert "Traceback" not in err
+    finally:
+        worker.proc.send_signal(signal.SIGCONT)
+        worker.stop()
+
+
 def send_raw(address: str, data: bytes) -> None:
     host, port = protocol.parse_address(address)
     with socket.create_connection((host, port), timeout=5) as s:
