@@ -32,7 +32,7 @@ from dllama_py.demo import demo_config
 from dllama_py.engine import EngineError, LocalEngine
 from dllama_py.formats.model_file import read_model, tensor_specs, write_model
 from dllama_py.generate import Generator
-from dllama_py.plan import Plan
+from dllama_py.plan import Plan, cut_tensor
 from dllama_py.sampler import Sampler
 from dllama_py.tokenizer import Tokenizer
 
@@ -428,6 +428,35 @@ def test_root_that_dies_while_shipping_weights_sends_the_worker_back_to_waiting(
         line = worker.wait_for_line("waiting for the next root", timeout=5)
         assert f"loading {first.name}" in line and "closed by peer" in line, line
         assert_serves_a_real_root(model, tok, worker)
+    finally:
+        worker.stop()
+
+
+def test_a_worker_waits_its_turn_for_weights_longer_than_the_timeout(stories):
+    """The root ships to one worker after another; with big slices a worker's turn comes long
+    after the network timeout. It must wait for it (a 3-node 8B cluster over 1 Gbit/s needs
+    about 12 s per worker), then load and report LOADED."""
+    model, _ = stories
+    worker = WorkerProcess()
+    try:
+        root = FakeRoot(worker.address)
+        kind, body = root.setup(model, worker.address, timeout_ms=300)
+        assert kind == protocol.MsgType.READY and body == bytes([0])
+        time.sleep(1.2)  # another worker's turn, four times the timeout
+        with read_model(model) as m:
+            plan = Plan.make(m.config, 2)
+            for t in m:
+                cut = plan.cut(t.name, 1)
+                if cut.kind != "root":
+                    part = np.ascontiguousarray(cut_tensor(t.data, t.float_type, cut))
+                    root.sock.sendall(struct.pack("<I", part.nbytes) + part.tobytes())
+        kinds = set()
+        root.sock.settimeout(10)
+        while protocol.MsgType.LOADED not in kinds:
+            kinds.add(protocol.unpack(protocol.recv_frame(root.sock))[0])
+        root.sock.sendall(struct.pack("<I", 7) + protocol.pack(protocol.MsgType.END))
+        root.sock.close()
+        worker.wait_for_line("finished; waiting for the next root")
     finally:
         worker.stop()
 

@@ -190,6 +190,10 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
             how = f"read {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights from the cache"
         else:
             store = cache.writer(key, plan.node_weight_bytes(me)) if key is not None else None
+            # The root ships to one worker after another: this one's turn may come much later
+            # than the timeout. A root that dies meanwhile makes the socket readable (EOF).
+            while not mesh.wait_readable(0, 5000):
+                pass
             try:
                 weights = receive_weights(mesh, plan, me, store)
             except BaseException:
