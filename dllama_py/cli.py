@@ -289,6 +289,8 @@ def cmd_inference(args: argparse.Namespace) -> int:
             summary["node_bytes_per_token"] = [
                 [sum(r[i][0] for r in reported) / len(reported), sum(r[i][1] for r in reported) / len(reported)]
                 for i in range(nodes)]
+            waits = [s.node_wait_ms for s in result.token_steps if s.node_wait_ms]
+            summary["node_wait_ms_per_token"] = [sum(w[i] for w in waits) / len(waits) for i in range(nodes)]
         log_stderr("Evaluation")
         log_stderr(f"   nBatches: {args.nbatches}")
         log_stderr(f"    nTokens: {summary['prompt_tokens']}")
@@ -296,8 +298,14 @@ def cmd_inference(args: argparse.Namespace) -> int:
         log_stderr("Prediction")
         log_stderr(f"    nTokens: {n_gen}")
         log_stderr(f"   tokens/s: {summary['gen_tokens_per_s']:.2f} ({summary['gen_ms_per_token']:.2f} ms/tok)")
+        waits = summary.get("node_wait_ms_per_token", [])
         for i, (sent, received) in enumerate(summary.get("node_bytes_per_token", [])):
-            log_stderr(f"    node {i}: sent {sent / 1024:.1f} kB, received {received / 1024:.1f} kB per token")
+            log_stderr(f"    node {i}: sent {sent / 1024:.1f} kB, received {received / 1024:.1f} kB, "
+                       f"waited {waits[i]:.2f} ms for the others per token")
+        if len(waits) > 1 and max(waits) - min(waits) > 0.1 * summary["gen_ms_per_token"]:
+            slowest = min(range(len(waits)), key=lambda i: waits[i])
+            log_stderr(f"    node {slowest} keeps the others waiting: a smaller --shares for it "
+                       "(or --shares auto) may be faster")
         if args.json:
             out.write(json.dumps({"stats": summary}) + "\n")
             out.flush()

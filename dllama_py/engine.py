@@ -39,6 +39,9 @@ class StepStats:
     # (bytes sent, bytes received) by every node of a cluster since the last step that reported
     # them (prompt batches whose logits nobody reads report nothing; their bytes count later)
     node_bytes: list[tuple[int, int]] | None = None
+    # milliseconds every node spent waiting for the others in syncs, over the same steps: the
+    # slowest node waits least (give it a smaller --shares)
+    node_wait_ms: list[float] | None = None
 
 
 @dataclass

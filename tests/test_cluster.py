@@ -573,6 +573,28 @@ def test_worker_holds_its_slice_once(tmp_path):
     assert grown < 1.35 * slice_bytes, (grown / 2**20, slice_bytes / 2**20)
 
 
+def test_the_fast_node_is_the_one_that_waits(tmp_path):
+    """Per-node wait times tell which node holds the others up: with a worker forced onto the
+    scalar SIMD path (several times slower), the root waits and the worker hardly does."""
+    config = dataclasses.replace(demo_config(), dim=1024, hidden_dim=4096, n_heads=16, n_kv_heads=4, n_layers=2)
+    model = tmp_path / "wide.m"
+    rng = np.random.default_rng(0)
+    write_model(model, config, ((s.name, rng.standard_normal(s.shape, dtype=np.float32) * 0.05)
+                                for s in tensor_specs(config)))
+    worker = WorkerProcess(extra_env={"DLLAMA_ISA": "scalar"})
+    try:
+        engine = ClusterEngine(model, [worker.address], threads=1, log=quiet, progress=False, max_seq_len=64)
+        try:
+            engine.step([1, 2, 3], 0, need="argmax")
+            waits = [engine.step([engine.argmax()], 3 + i, need="argmax").node_wait_ms for i in range(5)]
+        finally:
+            engine.close()
+    finally:
+        worker.stop()
+    root_wait, worker_wait = (sum(w[i] for w in waits) for i in (0, 1))
+    assert root_wait > 3 * worker_wait, (root_wait, worker_wait)
+
+
 @pytest.mark.parametrize("value", ["abc", "-5", "2000000"])
 def test_bad_spin_setting_is_refused_by_worker_and_root_without_traceback(stories, value):
     model, tok = stories
@@ -686,6 +708,9 @@ def test_dllama_inference_command_across_workers_prints_text_and_traffic(stories
     # every node's traffic per token: all-gathers are symmetric, so each worker sends about what it receives
     traffic = dict(re.findall(r"node (\d): sent ([\d.]+) kB", out.stderr))
     assert set(traffic) == {"0", "1", "2"} and all(float(v) > 0 for v in traffic.values())
+    # and how long each node waited for the others (which tells the slowest one)
+    waits = dict(re.findall(r"node (\d): .* waited ([\d.]+) ms for the others per token", out.stderr))
+    assert set(waits) == {"0", "1", "2"} and all(float(v) >= 0 for v in waits.values())
     assert "Traceback" not in out.stderr
 
 

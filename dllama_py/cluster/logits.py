@@ -24,7 +24,7 @@ from dllama_py.plan import Plan
 ARGMAX = struct.Struct("<fi")  # value, global id
 TOPK_TAIL = struct.Struct("<fff")  # max of scaled logits, sum of exp(scaled - max), tokens in the slice
 TOPK = 64
-COUNTERS = struct.Struct("<QQ")  # bytes sent, bytes received by the replying node so far
+COUNTERS = struct.Struct("<QQd")  # bytes sent, bytes received, seconds waited in syncs, by the node so far
 
 
 def layout(sizes: list[int]) -> tuple[list[int], list[int]]:
@@ -34,13 +34,14 @@ def layout(sizes: list[int]) -> tuple[list[int], list[int]]:
     return offsets, sizes
 
 
-def with_counters(payload: bytes, sent: int, received: int) -> bytes:
-    """A node's reply: its payload followed by its network counters."""
-    return payload + COUNTERS.pack(sent, received)
+def with_counters(payload: bytes, sent: int, received: int, waited_s: float) -> bytes:
+    """A node's reply: its payload followed by its network counters and its time spent waiting
+    for the other nodes in syncs."""
+    return payload + COUNTERS.pack(sent, received, waited_s)
 
 
-def counters_of(buf: np.ndarray, offsets: list[int], sizes: list[int]) -> list[tuple[int, int]]:
-    """Every node's (bytes sent, bytes received) from a gathered reply buffer."""
+def counters_of(buf: np.ndarray, offsets: list[int], sizes: list[int]) -> list[tuple[int, int, float]]:
+    """Every node's (bytes sent, bytes received, seconds waited) from a gathered reply buffer."""
     return [COUNTERS.unpack_from(buf, o + n - COUNTERS.size) for o, n in zip(offsets, sizes)]
 
 

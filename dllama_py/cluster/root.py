@@ -124,8 +124,9 @@ class ClusterEngine:
         self._local = np.zeros((1, self.plan.nodes[0].vocab_width), dtype=np.float32)
         self._temperature, self._vocab_limit = 1.0, c.vocab_size
         self.topk_hits = self.topk_misses = 0  # samples taken from top tokens / from every logit
-        self._counters = [(0, 0)] * self.plan.n_nodes  # every node's network counters, last reported
+        self._counters = [(0, 0, 0.0)] * self.plan.n_nodes  # every node's counters, last reported
         self._node_bytes: list[tuple[int, int]] | None = None
+        self._node_wait_ms: list[float] | None = None
         self._logits_buf = np.zeros(max(sum(L.full_layout(self.plan, max_batch)[1]),
                                         sum(L.topk_layout(self.plan.n_nodes)[1])), dtype=np.uint8)
         self.info = EngineInfo(self.plan.n_nodes, self.plan.describe(self.seq_len, self.addresses),
@@ -295,21 +296,24 @@ class ClusterEngine:
         elapsed = time.perf_counter() - start
         sync_s = self.sync.seconds - sync0 + gather_s
         return StepStats(B, (elapsed - sync_s) * 1e3, sync_s * 1e3,
-                         self.mesh.bytes_sent - sent0, self.mesh.bytes_received - received0, self._node_bytes)
+                         self.mesh.bytes_sent - sent0, self.mesh.bytes_received - received0, self._node_bytes,
+                         self._node_wait_ms)
 
     def _gather(self, offsets: list[int], sizes: list[int], mine: bytes, label: str) -> np.ndarray:
         buf = self._logits_buf[: offsets[-1] + sizes[-1]]
-        buf[: sizes[0]] = np.frombuffer(L.with_counters(mine, 0, 0), dtype=np.uint8)
+        buf[: sizes[0]] = np.frombuffer(L.with_counters(mine, 0, 0, 0.0), dtype=np.uint8)
         self.mesh.gather(0, buf, offsets, sizes, label)
         counters = L.counters_of(buf, offsets, sizes)
-        counters[0] = (self.mesh.bytes_sent, self.mesh.bytes_received)
-        self._node_bytes = [(s - s0, r - r0) for (s, r), (s0, r0) in zip(counters, self._counters)]
+        counters[0] = (self.mesh.bytes_sent, self.mesh.bytes_received, self.sync.seconds)
+        self._node_bytes = [(s - s0, r - r0) for (s, r, _), (s0, r0, _) in zip(counters, self._counters)]
+        self._node_wait_ms = [(w - w0) * 1e3 for (_, _, w), (_, _, w0) in zip(counters, self._counters)]
         self._counters = counters
         return buf
 
     def _collect(self, mode: p.LogitsMode) -> None:
         s0, local = self.plan.nodes[0], self._local
         self._last, self._argmax, self._candidates, self._node_bytes = None, None, None, None
+        self._node_wait_ms = None
         if mode == p.LogitsMode.ARGMAX:
             offsets, sizes = L.argmax_layout(self.plan.n_nodes)
             mine = L.encode_argmax(local[-1], s0.vocab_start, self._vocab_limit)

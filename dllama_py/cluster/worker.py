@@ -274,7 +274,7 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
         if kind == p.MsgType.END:
             return
         if kind == p.MsgType.LOGITS:  # the root wants the whole slice of the last step after all
-            reply(mesh, plan, me, p.LogitsMode.FULL, last, 0.0, 0)
+            reply(mesh, plan, me, p.LogitsMode.FULL, last, 0.0, 0, forward.sync.seconds)
             continue
         flags, mode, batch, pos0, temperature, vocab_limit = p.STEP.unpack_from(body)
         if not 0 < batch <= setup.max_batch or len(body) != p.STEP.size + batch * dim * 4:
@@ -284,11 +284,11 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
         positions = np.arange(pos0, pos0 + batch, dtype=np.int32)
         last = forward.forward(x, positions, all_logits=bool(flags & p.STEP_ALL_LOGITS),
                                logits=mode != p.LogitsMode.NONE)
-        reply(mesh, plan, me, p.LogitsMode(mode), last, temperature, vocab_limit)
+        reply(mesh, plan, me, p.LogitsMode(mode), last, temperature, vocab_limit, forward.sync.seconds)
 
 
 def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.ndarray, temperature: float,
-          vocab_limit: int) -> None:
+          vocab_limit: int, waited_s: float) -> None:
     """Send this node's part of the logits to the root, as the step's mode asks."""
     s = plan.nodes[me]
     if mode == p.LogitsMode.NONE:
@@ -302,7 +302,7 @@ def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.
     else:
         offsets, sizes = L.full_layout(plan, logits.shape[0])
         mine, label = logits.tobytes(), "sending logits"
-    mine = L.with_counters(mine, mesh.bytes_sent, mesh.bytes_received)
+    mine = L.with_counters(mine, mesh.bytes_sent, mesh.bytes_received, waited_s)
     buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
     buf[offsets[me]:offsets[me] + sizes[me]] = np.frombuffer(mine, dtype=np.uint8)
     mesh.gather(0, buf, offsets, sizes, label)
