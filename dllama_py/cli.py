@@ -67,7 +67,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --workers: each node's relative share of every layer, root first (default: "
                         "equal), e.g. --shares 2 1 1 gives the root half of the heads, feed-forward rows "
                         "and vocabulary; give a faster computer a bigger share. 'auto' sets them from "
-                        "every node's measured matmul speed (each worker logs its own at startup)")
+                        "every node's measured matmul speed (each worker logs its own at startup), "
+                        "giving no node more than 90%% of its available RAM holds")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser) -> None:

@@ -356,7 +356,7 @@ def fake_worker(server: socket.socket, after_ready) -> None:
         protocol.send_frame(conn, protocol.pack(protocol.MsgType.HELLO_WORKER, protocol.new_nonce()))
         _, body = protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.HELLO_ROOT)
         proof = protocol.proof(None, b"worker", body[: protocol.NONCE_BYTES])
-        welcome = bytes([protocol.Welcome.OK]) + proof + protocol.SPEED.pack(1.0)
+        welcome = bytes([protocol.Welcome.OK]) + proof + protocol.SPEED.pack(1.0, 0)
         protocol.send_frame(conn, protocol.pack(protocol.MsgType.WELCOME, welcome))
         protocol.unpack(protocol.recv_frame(conn), protocol.MsgType.SETUP)
         protocol.send_frame(conn, protocol.pack(protocol.MsgType.READY, bytes([0])))
@@ -747,6 +747,20 @@ def test_auto_shares_follow_every_nodes_measured_speed(stories, workers, monkeyp
         assert any("matmul speed" in line and "root 1000.0" in line and "shares 19 1 1" in line for line in lines), lines
         root, *rest = engine.plan.nodes
         assert all(root.ff_width > 5 * s.ff_width and s.ff_width > 0 for s in rest), engine.plan.nodes
+        engine.step([1, 403], 0, need="argmax")
+        assert engine.argmax() == 407
+    finally:
+        engine.close()
+    # The same fast root with (pretended) next to no free RAM: it keeps the least share it can
+    # (one 5% step); the workers, which reported their real RAM in the handshake, take the rest.
+    from dllama_py.cluster import root as root_module
+
+    monkeypatch.setattr(root_module, "known_available_memory", lambda: 1)
+    engine = ClusterEngine(model, [w.address for w in workers[:2]], threads=1, log=quiet, progress=False,
+                           buffer_type="f32", shares="auto")
+    try:
+        root, *rest = engine.plan.nodes
+        assert all(root.ff_width < s.ff_width for s in rest), engine.plan.nodes
         engine.step([1, 403], 0, need="argmax")
         assert engine.argmax() == 407
     finally:

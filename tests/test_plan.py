@@ -115,3 +115,26 @@ def test_the_plan_table_counts_the_mapped_embedding_apart_from_the_roots_ram():
     assert f"RAM {root_ram / 2**20:.1f} MiB (+ the {embedding / 2**20:.0f} MiB embedding" in root_line
     worker_ram = plan.node_weight_bytes(1) + plan.node_kv_cache_bytes(1, 64)
     assert worker_line.endswith(f"RAM {worker_ram / 2**20:.1f} MiB")
+
+
+def test_auto_shares_hold_a_fast_node_with_little_ram_to_what_it_can_hold():
+    from dllama_py.cluster.root import auto_shares
+
+    GiB = 2**30
+    # the root is 3x faster but has 2 GiB for a 10 GiB model: it gets at most 90% of 2 GiB
+    shares = auto_shares([30.0, 10.0], [2 * GiB, 64 * GiB], 10 * GiB)
+    assert shares == [3.0, 16.0]  # root capped at 18% -> 15% (rounded down), the worker gets the rest
+    assert shares[0] / sum(shares) <= 0.9 * 2 / 10
+    # RAM to spare everywhere: speed alone decides; unknown RAM (None) is not a limit
+    assert auto_shares([30.0, 10.0], [64 * GiB, 64 * GiB], 10 * GiB) == [15.0, 5.0]
+    assert auto_shares([30.0, 10.0], [None, None], 10 * GiB) == [15.0, 5.0]
+    # two capped nodes, the third takes the rest
+    assert auto_shares([10.0, 10.0, 1.0], [2 * GiB, 2 * GiB, 64 * GiB], 10 * GiB) == [3.0, 3.0, 13.0]
+
+
+def test_auto_shares_refuse_a_model_the_nodes_cannot_hold_together():
+    from dllama_py.cluster.root import auto_shares
+
+    GiB = 2**30
+    with pytest.raises(PlanError, match=r"needs 10.0 GiB .*\(root 4.0 GiB worker 4.0 GiB.*add a node"):
+        auto_shares([1.0, 1.0], [4 * GiB, 4 * GiB], 10 * GiB, ["root", "worker"])

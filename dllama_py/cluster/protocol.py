@@ -7,7 +7,7 @@ over plain sockets before the mesh exists; session messages travel through the C
 Setup (root R, worker W, then worker i -> worker j for every i < j):
     W -> R  HELLO_WORKER  nonce_w
     R -> W  HELLO_ROOT    nonce_r, HMAC(secret, "root" | nonce_w)
-    W -> R  WELCOME       status, HMAC(secret, "worker" | nonce_r), matmul speed
+    W -> R  WELCOME       status, HMAC(secret, "worker" | nonce_r), matmul speed, available RAM
     R -> W  SETUP         JSON: node index, addresses, model header, buffer type, context
     i -> j  MESH_HELLO    session id, i, HMAC(secret, "mesh" | session | i)
     W -> R  READY (flags: HAS_WEIGHTS when its slice cache holds this model's slices) | ERROR
@@ -41,7 +41,9 @@ MAX_SETUP_BYTES = 1 << 20  # a handshake or setup message never needs more
 NONCE_BYTES = 16
 STEP = struct.Struct("<BBHIfI")  # flags, logits mode, batch rows, first position, temperature, vocab limit
 STEP_ALL_LOGITS = 1  # flag: keep the logits of every row, not only the last
-SPEED = struct.Struct("<f")  # a worker's matmul speed (kernels.measure_matmul_speed), at the end of WELCOME
+# At the end of WELCOME: the worker's matmul speed (kernels.measure_matmul_speed, GB/s) and the
+# RAM it has available (bytes; 0 if unknown), which --shares auto plans with.
+SPEED = struct.Struct("<fQ")
 
 
 class ProtocolError(ConnectionError):

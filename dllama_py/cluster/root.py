@@ -26,6 +26,7 @@ from dllama_py.engine import (
     StepStats,
     choose_seq_len,
     default_buffer_type,
+    known_available_memory,
     load_node_weights,
     open_model,
 )
@@ -40,12 +41,41 @@ DEFAULT_TIMEOUT_MS = 8000  # a silent worker is declared dead after this long
 AUTO_SHARE_STEPS = 20  # --shares auto rounds every node's share to 1/20 of the whole
 
 
-def auto_shares(speeds: list[float]) -> list[float]:
+MEMORY_HEADROOM = 0.9  # --shares auto plans at most this part of a node's available RAM
+
+
+def auto_shares(speeds: list[float], memories: list[int | None] | None = None, need: int = 0,
+                names: list[str] | None = None) -> list[float]:
     """Shares in proportion to the nodes' speeds, rounded to 5% steps (at least one step each):
     measurements move a little from run to run, and a plan that stays the same keeps using the
-    workers' slice caches."""
-    total = sum(speeds)
-    return [float(max(1, round(AUTO_SHARE_STEPS * speed / total))) for speed in speeds]
+    workers' slice caches. With `memories` (bytes each node has available, None if unknown) and
+    `need` (bytes the whole model needs: weights and KV cache), no node gets more of the model
+    than 90% of its RAM holds; the rest goes to the others, again by speed. Raises PlanError
+    when all of them together cannot hold it."""
+    n = len(speeds)
+    caps = [float("inf")] * n
+    if memories and need > 0:
+        caps = [MEMORY_HEADROOM * m / need if m else float("inf") for m in memories]
+        if sum(min(cap, 1.0) for cap in caps) < 1.0:
+            have = " ".join(f"{(names or [str(i) for i in range(n)])[i]} {m / 2**30:.1f} GiB"
+                            for i, m in enumerate(memories) if m)
+            raise PlanError(f"the model needs {need / 2**30:.1f} GiB (weights and KV cache) and the nodes have "
+                            f"less than that available together ({have}; {MEMORY_HEADROOM:.0%} of it is planned): "
+                            "add a node or use a shorter --max-seq-len")
+    fixed: dict[int, float] = {}  # nodes held to what their RAM allows
+    while True:
+        rest = [i for i in range(n) if i not in fixed]
+        left = 1.0 - sum(fixed.values())
+        speed = sum(speeds[i] for i in rest)
+        part = {i: left * speeds[i] / speed for i in rest}
+        over = [i for i in rest if part[i] > caps[i]]
+        if not over:
+            break
+        fixed.update({i: caps[i] for i in over})
+    part.update(fixed)
+    # Capped nodes round down, so that rounding never hands a node more than its RAM holds.
+    return [float(max(1, int(AUTO_SHARE_STEPS * part[i]) if i in fixed else round(AUTO_SHARE_STEPS * part[i])))
+            for i in range(n)]
 
 
 class ClusterEngine:
@@ -84,15 +114,19 @@ class ClusterEngine:
         self.log = log
         self.model_id = model_fingerprint(self.model)
         self.cached = [False] * self.plan.n_nodes  # which workers read their slices from their cache
-        socks, speeds = self._handshakes(addresses, secret)
+        socks, speeds, memories = self._handshakes(addresses, secret)
         try:
             if auto:  # every node's share in proportion to how fast it runs the decoding matmul
                 speeds = [kernels.measure_matmul_speed()] + speeds
-                shares = auto_shares(speeds)
-                log("matmul speed (GB/s of q40 weights): "
-                    + ", ".join(f"{name} {gbps:.1f}" for name, gbps in zip(self.addresses, speeds))
-                    + f"; shares {' '.join(f'{x:g}' for x in shares)}")
+                memories = [known_available_memory()] + memories
+                seq_len, _ = choose_seq_len(c, self.plan, max_seq_len)
+                need = sum(self.plan.node_weight_bytes(i) + self.plan.node_kv_cache_bytes(i, seq_len)
+                           for i in range(self.plan.n_nodes)) - self.plan.embedding_bytes()
                 try:
+                    shares = auto_shares(speeds, memories, need, self.addresses)
+                    log("matmul speed (GB/s of q40 weights): "
+                        + ", ".join(f"{name} {gbps:.1f}" for name, gbps in zip(self.addresses, speeds))
+                        + f"; shares {' '.join(f'{x:g}' for x in shares)}")
                     self.plan = Plan.make(c, 1 + len(addresses), shares)
                 except PlanError as error:
                     raise EngineError(str(error)) from None
@@ -134,23 +168,27 @@ class ClusterEngine:
                                kernels.get_num_threads(), [note] if note else [])
 
     # ---- setup ----------------------------------------------------------------------------
-    def _handshakes(self, addresses: list[str], secret: str | None) -> tuple[list[socket.socket], list[float]]:
-        """Connect to every worker and authenticate; returns the sockets and every worker's
-        matmul speed (GB/s of q40 weights). Every worker is inside its handshake before any gets its
-        setup, so the mesh connections workers open to each other wait in listen backlogs."""
+    def _handshakes(self, addresses: list[str], secret: str | None
+                    ) -> tuple[list[socket.socket], list[float], list[int | None]]:
+        """Connect to every worker and authenticate; returns the sockets, every worker's matmul
+        speed (GB/s of q40 weights) and available RAM (bytes; None if unknown). Every worker is
+        inside its handshake before any gets its setup, so the mesh connections workers open to
+        each other wait in listen backlogs."""
         socks: list[socket.socket] = []
         speeds: list[float] = []
+        memories: list[int | None] = []
         seen: dict[tuple, str] = {}  # (ip, port) -> the address it was reached by
         try:
             for address in addresses:
-                sock, gbps = self._handshake(address, secret, seen)
+                sock, gbps, memory = self._handshake(address, secret, seen)
                 socks.append(sock)
                 speeds.append(gbps)
+                memories.append(memory)
         except BaseException:
             for sock in socks:
                 sock.close()
             raise
-        return socks, speeds
+        return socks, speeds, memories
 
     def _setup(self, socks: list[socket.socket], addresses: list[str], kv_storage: str, timeout_ms: int,
                shares: list[float] | None) -> _core.Mesh:
@@ -179,7 +217,8 @@ class ClusterEngine:
         fds = [-1] + [s.detach() for s in socks]
         return open_mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms, self.spin_us)
 
-    def _handshake(self, address: str, secret: str | None, seen: dict[tuple, str]) -> tuple[socket.socket, float]:
+    def _handshake(self, address: str, secret: str | None, seen: dict[tuple, str]
+                   ) -> tuple[socket.socket, float, int | None]:
         host, port = p.parse_address(address)
         try:
             sock = socket.create_connection((host, port), timeout=CONNECT_TIMEOUT_S)
@@ -207,7 +246,7 @@ class ClusterEngine:
             if not p.proofs_equal(body[1:33], p.proof(secret, b"worker", nonce_r)):
                 raise EngineError(f"worker {address} does not know this root's secret "
                                   "(check --secret / DLLAMA_SECRET on both sides)")
-            (gbps,) = p.SPEED.unpack_from(body, 33)
+            gbps, memory = p.SPEED.unpack_from(body, 33)
         except TimeoutError:
             sock.close()
             raise EngineError(f"worker {address} did not answer the handshake within {CONNECT_TIMEOUT_S:.0f} s "
@@ -218,7 +257,7 @@ class ClusterEngine:
         except BaseException:
             sock.close()
             raise
-        return sock, gbps
+        return sock, gbps, memory or None
 
     def _ship_weights(self, progress: bool) -> None:
         """Stream every worker its slices (cut from the memory-mapped file, one tensor at a time)."""

@@ -23,7 +23,7 @@ from dllama_py.cluster import protocol as p
 from dllama_py.cluster.slice_cache import EntryWriter, SliceCache, entry_key
 from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
 from dllama_py.config import ModelConfig
-from dllama_py.engine import BUFFER_TYPES, memory_shortfall
+from dllama_py.engine import BUFFER_TYPES, known_available_memory, memory_shortfall
 from dllama_py.formats.model_file import tensor_specs
 from dllama_py.forward import NodeForward
 from dllama_py.plan import Plan
@@ -45,10 +45,10 @@ def handshake(conn: socket.socket, secret: str | None, speed: float = 0.0) -> p.
         raise p.ProtocolError("malformed HELLO_ROOT")
     nonce_r, root_proof = body[: p.NONCE_BYTES], body[p.NONCE_BYTES:]
     if not p.proofs_equal(root_proof, p.proof(secret, b"root", nonce_w)):
-        p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(36)))
+        p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(32 + p.SPEED.size)))
         raise p.ProtocolError("the root does not know this worker's secret (check --secret / DLLAMA_SECRET)")
     p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.OK]) + p.proof(secret, b"worker", nonce_r)
-                              + p.SPEED.pack(speed)))
+                              + p.SPEED.pack(speed, known_available_memory() or 0)))
     _, body = p.unpack(p.recv_frame(conn), p.MsgType.SETUP)
     return p.Setup.decode(body)
 
@@ -246,7 +246,7 @@ class BusyResponder:
                 sock.settimeout(2.0)
                 p.send_frame(sock, p.pack(p.MsgType.HELLO_WORKER, p.new_nonce()))
                 p.unpack(p.recv_frame(sock), p.MsgType.HELLO_ROOT)
-                p.send_frame(sock, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.BUSY]) + bytes(36)))
+                p.send_frame(sock, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.BUSY]) + bytes(32 + p.SPEED.size)))
                 log(f"told root {addr[0]}:{addr[1]} that this worker is {self.reason}")
             except (p.ProtocolError, OSError) as error:
                 log(f"refused connection from {addr[0]}:{addr[1]} during a session: {error}")
