@@ -104,6 +104,7 @@ def test_auto_shares_are_rounded_to_steady_5_percent_steps():
     assert auto_shares([48.0, 32.0]) == auto_shares([47.0, 33.0]) == auto_shares([49.0, 31.0]) == [12.0, 8.0]
     assert auto_shares([1000.0, 30.0, 30.0]) == [19.0, 1.0, 1.0]
     assert auto_shares([100.0, 0.1]) == [20.0, 1.0]  # every node keeps a share
+    assert auto_shares([0.0, 0.0]) == auto_shares([float("nan"), float("inf")]) == [10.0, 10.0]  # failed probes
 
 
 def test_the_plan_table_counts_the_mapped_embedding_apart_from_the_roots_ram():

@@ -7,6 +7,7 @@ own slice resident; each worker's slice is cut from the mapping and streamed to 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import time
@@ -53,6 +54,9 @@ def auto_shares(speeds: list[float], memories: list[int | None] | None = None, n
     than 90% of its RAM holds; the rest goes to the others, again by speed. Raises PlanError
     when all of them together cannot hold it."""
     n = len(speeds)
+    speeds = [x if math.isfinite(x) and x > 0 else 1.0 for x in speeds]  # a failed probe counts as slow
+    if min(speeds) < max(speeds) * 1e-3:  # no node below 0.1% of the fastest
+        speeds = [max(x, max(speeds) * 1e-3) for x in speeds]
     caps = [float("inf")] * n
     if memories and need > 0:
         caps = [MEMORY_HEADROOM * m / need if m else float("inf") for m in memories]
