@@ -252,7 +252,8 @@ class Plan:
                 f"query heads {q0 // c.head_dim}-{q1 // c.head_dim - 1}, "
                 f"ff rows {s.ff_start}-{s.ff_stop - 1} ({s.ff_width}), "
                 f"vocab {s.vocab_start}-{s.vocab_stop - 1}, RAM {ram / 2**20:.1f} MiB"
-                + (f" (+ the {embedding / 2**20:.0f} MiB embedding, read from the file as needed)"
+                + (f" (+ the {embedding / 2**20:.{0 if embedding >= 10 * 2**20 else 1}f} MiB embedding, "
+                   "read from the file as needed)"
                    if embedding else "")
             )
         return "\n".join(lines)
