@@ -122,7 +122,8 @@ class NodeForward:
             # This SIMD path multiplies fastest with 16 weight rows per vector: regroup once at
             # load, in place, one tensor at a time, so that each original is freed as soon as its
             # copy exists (a worker's peak is its slice plus one tensor, not twice its slice).
-            for name, w in list(weights.items()):
+            for name in list(weights):  # names only: holding the arrays would keep every original alive
+                w = weights[name]
                 if w.dtype != np.uint8:
                     continue
                 if w.flags.writeable and w.flags.c_contiguous and w.shape[0] % 16 == 0:

@@ -207,7 +207,7 @@ class ClusterEngine:
                 p.send_frame(sock, p.pack(p.MsgType.SETUP, setup.encode()))
             except OSError as error:
                 raise EngineError(f"worker {addresses[index - 1]} went away during setup: {error}") from None
-        for address, sock in zip(addresses, socks):
+        for node, (address, sock) in enumerate(zip(addresses, socks), start=1):
             sock.settimeout(CONNECT_TIMEOUT_S * 4)
             try:
                 kind, body = p.unpack(p.recv_frame(sock), (p.MsgType.READY, p.MsgType.ERROR))
@@ -217,7 +217,7 @@ class ClusterEngine:
             if kind == p.MsgType.ERROR:
                 reason = body.decode("utf-8", errors="replace")
                 raise EngineError(f"worker {address} cannot serve this model: {reason}")
-            self.cached[self.addresses.index(address)] = body[:1] == bytes([p.READY_HAS_WEIGHTS])
+            self.cached[node] = body[:1] == bytes([p.READY_HAS_WEIGHTS])
         fds = [-1] + [s.detach() for s in socks]
         return open_mesh(0, len(fds), fds, ["root"] + addresses, timeout_ms, self.spin_us)
 
