@@ -49,20 +49,21 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
                shares: list[float] | str | None = None, gen_start_at: float | None = None) -> dict:
     """Measure one configuration in this process (the root). With gen_start_at (time.time()),
     generation waits for that moment, so that processes started together generate together."""
-    from dllama_py.cluster.root import ClusterEngine
-    from dllama_py.engine import LocalEngine
+    from dllama_py.cluster.root import cluster_engine
+    from dllama_py.engine.engine import Engine
+    from dllama_py.engine.exchange import ARGMAX, NO_LOGITS
 
     start = time.perf_counter()
     if workers:
-        engine = ClusterEngine(model, workers, threads=threads, buffer_type="q80", max_seq_len=1024,
+        engine = cluster_engine(model, workers, threads=threads, buffer_type="q80", max_seq_len=1024,
                                log=lambda m: None, progress=False, shares=shares)
     else:
-        engine = LocalEngine(model, threads=threads, buffer_type="q80", max_seq_len=1024)
+        engine = Engine(model, threads=threads, buffer_type="q80", max_seq_len=1024)
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(100, 1000, size=prompt_tokens - 1).tolist()
     t0 = time.perf_counter()
     for pos in range(0, prompt_tokens, 32):
-        engine.step(prompt[pos:pos + 32], pos, need="argmax" if pos + 32 >= prompt_tokens else "none")
+        engine.step(prompt[pos:pos + 32], pos, ARGMAX if pos + 32 >= prompt_tokens else NO_LOGITS)
     prompt_s = time.perf_counter() - t0
     token = engine.argmax()
     first_token_s = time.perf_counter() - start
@@ -70,7 +71,7 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
         time.sleep(max(0.0, gen_start_at - time.time()))
     stats = []
     for i in range(gen_tokens):
-        stats.append(engine.step([token], prompt_tokens + i, need="argmax"))
+        stats.append(engine.step([token], prompt_tokens + i, ARGMAX))
         token = engine.argmax()
     root_share = engine.plan.nodes[0].ff_width / engine.config.ff_dim
     engine.close()
@@ -88,8 +89,8 @@ def run_config(model: Path, threads: int, workers: list[str], gen_tokens: int, p
 
 def start_worker(prefix: list[str], host: str, port: int, threads: int, extra: list[str] | None = None
                  ) -> subprocess.Popen:
-    worker = subprocess.Popen(prefix + [sys.executable, "-m", "dllama_py.cli", "worker", "--host", host, "--port",
-                                        str(port), "--nthreads", str(threads)] + (extra or []),
+    worker = subprocess.Popen(prefix + [sys.executable, "-m", "dllama_py.commands.cli", "worker", "--host", host,
+                                        "--port", str(port), "--nthreads", str(threads)] + (extra or []),
                               stderr=subprocess.PIPE, text=True)
     assert worker.stderr is not None
     for line in worker.stderr:

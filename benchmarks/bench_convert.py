@@ -123,7 +123,7 @@ def run_convert(model: Path, float_type: str, output: Path, threads: int | None)
     command = [
         sys.executable,
         "-m",
-        "converter.convert_hf",
+        "dllama_py.converter.convert_hf",
         str(model),
         float_type,
         "bench",

@@ -24,16 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import measure_bandwidth  # noqa: E402
 from model_cache import llama_1b_q40, tiny_twin  # noqa: E402
 
-from dllama_py import kernels  # noqa: E402
-from dllama_py.engine import LocalEngine  # noqa: E402
-from dllama_py.formats.model_file import tensor_specs  # noqa: E402
+from dllama_py.engine.engine import Engine  # noqa: E402
+from dllama_py.engine.exchange import ARGMAX, NO_LOGITS
+from dllama_py.model import kernels  # noqa: E402
+from dllama_py.model.structure import tensor_specs  # noqa: E402
 
 
 def read_bandwidth(threads: int, repeats: int = 5) -> float:
     return measure_bandwidth(threads, 1.0, repeats)
 
 
-def weight_bytes_per_token(engine: LocalEngine) -> int:
+def weight_bytes_per_token(engine: Engine) -> int:
     """Bytes of weights one generated token reads: every matrix once, one embedding row."""
     c = engine.config
     total = c.dim * 4
@@ -43,26 +44,26 @@ def weight_bytes_per_token(engine: LocalEngine) -> int:
     return total
 
 
-def gen_seconds_per_token(engine: LocalEngine, tokens: int, start: int) -> list[float]:
+def gen_seconds_per_token(engine: Engine, tokens: int, start: int) -> list[float]:
     times = []
     token = 1
     for i in range(tokens):
         t0 = time.perf_counter()
-        engine.step([token], start + i, need="argmax")
+        engine.step([token], start + i, ARGMAX)
         token = engine.argmax()
         times.append(time.perf_counter() - t0)
     return times
 
 
 def measure(model: Path, threads: int, gen_tokens: int, prompt_tokens: int, repeats: int) -> dict:
-    engine = LocalEngine(model, threads=threads, max_seq_len=1024)
+    engine = Engine(model, threads=threads, max_seq_len=1024)
     rng = np.random.default_rng(0)
     prompt = [1] + rng.integers(100, 1000, size=prompt_tokens - 1).tolist()
     gen_rates, prompt_rates = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for pos in range(0, prompt_tokens, 32):
-            engine.step(prompt[pos:pos + 32], pos, need="argmax" if pos + 32 >= prompt_tokens else "none")
+            engine.step(prompt[pos:pos + 32], pos, ARGMAX if pos + 32 >= prompt_tokens else NO_LOGITS)
         prompt_rates.append(prompt_tokens / (time.perf_counter() - t0))
         per_token = gen_seconds_per_token(engine, gen_tokens, prompt_tokens)
         gen_rates.append(1.0 / statistics.median(per_token))
@@ -83,8 +84,8 @@ def python_overhead_ms(model: Path, threads: int, tokens: int = 200, kernels_off
     """Median ms per token of the forward pass of a tiny-width twin model. With kernels_off the
     C++ kernels are replaced by no-ops, so what remains is the time the Python side adds;
     without, it also counts the tiny kernels and the thread pool's dispatch."""
-    engine = LocalEngine(model, threads=threads, max_seq_len=512)
-    engine.step([1], 0, need="argmax")
+    engine = Engine(model, threads=threads, max_seq_len=512)
+    engine.step([1], 0, ARGMAX)
     saved = {name: getattr(kernels, name) for name in KERNEL_CALLS}
     try:
         if kernels_off:
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     for threads in args.threads:
         bandwidth = read_bandwidth(threads)
         r = measure(model, threads, args.gen_tokens, args.prompt_tokens, args.repeats)
-        engine = LocalEngine(model, threads=threads, max_seq_len=8)
+        engine = Engine(model, threads=threads, max_seq_len=8)
         twin = tiny_twin(engine.config)
         engine.close()
         overhead = python_overhead_ms(twin, threads)

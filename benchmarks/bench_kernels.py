@@ -18,7 +18,7 @@ import time
 
 import numpy as np
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 SHAPES = ((4096, 14336), (2048, 8192))
 GIB = 1 << 30

@@ -25,15 +25,16 @@ from model_cache import llama_1b_q40  # noqa: E402
 CHILD = """
 import json, sys, time
 from pathlib import Path
-from dllama_py.cluster.root import ClusterEngine
-from dllama_py.engine import LocalEngine
+from dllama_py.cluster.root import cluster_engine
+from dllama_py.engine.engine import Engine
+from dllama_py.engine.exchange import ARGMAX
 
 model, workers = sys.argv[1], sys.argv[2:]
 if workers:
-    engine = ClusterEngine(model, workers, threads=1, max_seq_len=1024, log=lambda m: None, progress=False)
+    engine = cluster_engine(model, workers, threads=1, max_seq_len=1024, log=lambda m: None, progress=False)
 else:
-    engine = LocalEngine(model, threads=1, max_seq_len=1024)
-engine.step([1, 2, 3], 0, need="argmax")
+    engine = Engine(model, threads=1, max_seq_len=1024)
+engine.step([1, 2, 3], 0, ARGMAX)
 plan_ram = [engine.plan.node_weight_bytes(i) + engine.plan.node_kv_cache_bytes(i, engine.seq_len)
             - (engine.plan.embedding_bytes() if i == 0 else 0) for i in range(engine.plan.n_nodes)]
 print(json.dumps({"plan_ram": plan_ram}), flush=True)
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    worker = subprocess.Popen([sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port",
-                               str(port), "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, "-m", "dllama_py.commands.cli", "worker", "--host", "127.0.0.1",
+                               "--port", str(port), "--nthreads", "1"], stderr=subprocess.PIPE, text=True)
     try:
         assert worker.stderr is not None
         for line in worker.stderr:

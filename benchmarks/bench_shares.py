@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import os
 
-    from dllama_py import kernels
+    from dllama_py.model import kernels
 
     isas = [isa for isa in args.worker_isas if isa in kernels.supported_isas()]
     rows = []

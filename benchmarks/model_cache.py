@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama_py.config import ArchType, FloatType, ModelConfig
-from dllama_py.formats.model_file import ModelWriter, tensor_specs
+from dllama_py.formats.model_file import ModelWriter
+from dllama_py.model.config import ArchType, FloatType, ModelConfig
+from dllama_py.model.structure import tensor_specs
 
 CACHE = Path(os.environ.get("DLLAMA_BENCH_CACHE", Path.home() / ".cache" / "dllama-py" / "bench"))
 

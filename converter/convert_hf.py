@@ -21,11 +21,12 @@ from typing import NoReturn
 
 import numpy as np
 import numpy.typing as npt
+from dllama_py.converter.hf_config import ConversionError, parse_hf_config
+from dllama_py.converter.hf_safetensors import SafetensorsCheckpoint
 
-from converter.hf_config import ConversionError, parse_hf_config
-from converter.hf_safetensors import SafetensorsCheckpoint
-from dllama_py.config import ArchType, ConfigError, FloatType, ModelConfig
-from dllama_py.formats.model_file import ModelFormatError, ModelWriter, TensorSpec, tensor_specs
+from dllama_py.formats.model_file import ModelFormatError, ModelWriter
+from dllama_py.model.config import ArchType, ConfigError, FloatType, ModelConfig
+from dllama_py.model.structure import TensorSpec, tensor_specs
 
 CHUNK_BYTES = 64 << 20  # float32 bytes converted at a time
 Transform = Callable[[npt.NDArray[np.float32]], npt.NDArray[np.float32]]

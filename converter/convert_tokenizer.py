@@ -17,8 +17,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from converter.sentencepiece_model import ProtobufError, parse_sentencepiece_model
-from converter.tokenizer_sources import (
+from dllama_py.converter.sentencepiece_model import ProtobufError, parse_sentencepiece_model
+from dllama_py.converter.tokenizer_sources import (
     SourceError,
     TokenizerSource,
     from_hf_bpe,
@@ -27,9 +27,10 @@ from converter.tokenizer_sources import (
     looks_like_tiktoken,
     read_json,
 )
-from dllama_py.chat import BUILTIN_TEMPLATES, end_of_turn_tokens
+
 from dllama_py.formats.tokenizer_file import TokenizerFile, write_tokenizer_file
-from dllama_py.tokenizer_kind import infer_spec
+from dllama_py.text.chat import BUILTIN_TEMPLATES, end_of_turn_tokens
+from dllama_py.text.tokenizer_kind import infer_spec
 
 END_OF_TEXT_NAMES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|eom_id|>", "<|end|>", "<end_of_turn>")
 
@@ -102,7 +103,7 @@ def _from_tokenizer_json(content: dict, path: Path, added: dict[str, int]) -> To
     source = from_hf_bpe(vocab, merges, added, str(path), byte_level)  # type: ignore[arg-type]
     pattern = _split_pattern(content.get("pre_tokenizer"))
     if byte_level and pattern is not None:
-        from dllama_py.tokenizer_kind import LLAMA3_PATTERN, QWEN2_PATTERN
+        from dllama_py.text.tokenizer_kind import LLAMA3_PATTERN, QWEN2_PATTERN
 
         if pattern not in (LLAMA3_PATTERN, QWEN2_PATTERN):
             source.warnings.append(

@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from dllama_py.config import ArchType, ConfigError, FloatType, HiddenAct, ModelConfig, RopeType
+from dllama_py.model.config import ArchType, ConfigError, FloatType, HiddenAct, ModelConfig, RopeType
 
 ARCHS: dict[str, ArchType] = {
     "llama": ArchType.LLAMA,

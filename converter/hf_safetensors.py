@@ -18,8 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 import numpy.typing as npt
-
-from converter.hf_config import ConversionError
+from dllama_py.converter.hf_config import ConversionError
 
 DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2")}
 INDEX_FILE = "model.safetensors.index.json"

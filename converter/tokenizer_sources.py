@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from converter.sentencepiece_model import (
+from dllama_py.converter.sentencepiece_model import (
     MODEL_BPE,
     PIECE_BYTE,
     SentencePieceModel,

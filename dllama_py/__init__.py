@@ -1,7 +1,7 @@
 """dllama-py: tensor-parallel CPU inference of LLMs over plain Ethernet.
 
 Reads and runs distributed-llama's model (.m) and tokenizer (.t) files. The C++ core is the
-private extension `dllama_py._core`; `dllama_py.kernels` is its typed Python face.
+private extension `dllama_py._core`; `dllama_py.model.kernels` is its typed Python face.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Tokenizer": "dllama_py.tokenizer",
-    "ModelConfig": "dllama_py.config",
+    "Tokenizer": "dllama_py.text.tokenizer",
+    "ModelConfig": "dllama_py.model.config",
 }
 
 

@@ -10,6 +10,12 @@ import threading
 import time
 from pathlib import Path
 
+from dllama_py.cluster.root import cluster_engine
+from dllama_py.engine.engine import Engine
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.generator import Generator
+from dllama_py.text.tokenizer import Tokenizer
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -22,7 +28,7 @@ class WorkerProcess:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.address = f"127.0.0.1:{self.port}"
-        argv = [sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
+        argv = [sys.executable, "-m", "dllama_py.commands.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
                 "--nthreads", str(threads)] + (extra or [])
         env = dict(os.environ)
         env.pop("DLLAMA_SECRET", None)
@@ -76,3 +82,25 @@ def resident_bytes_of_mapping(path: Path) -> int:
             elif inside and line.startswith("Rss:"):
                 rss += int(fields[1]) * 1024
     return rss
+
+
+def quiet(_message: str) -> None:
+    pass
+
+
+def assert_serves_a_real_root(model: Path, tok: Path, worker: WorkerProcess) -> None:
+    """The worker (after whatever a test did to it) still runs a real root's greedy generation."""
+    engine = cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False)
+    try:
+        tokenizer = Tokenizer.load(tok)
+        result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 5, Sampler(0.0))
+    finally:
+        engine.close()
+    assert result.generated_ids[:3] == [432, 383, 286]
+
+
+def make_engine(model: Path, workers: list[WorkerProcess], nodes: int, **kw) -> Engine:
+    if nodes == 1:
+        kw.pop("shares", None)
+        return Engine(model, threads=1, **kw)
+    return cluster_engine(model, [w.address for w in workers[: nodes - 1]], threads=1, log=quiet, progress=False, **kw)

@@ -6,10 +6,12 @@ transformers and distributed-llama). Tests that need it fail, never skip, when i
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+from cluster_helpers import WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TESTDATA = Path(os.environ.get("DLLAMA_TESTDATA", REPO_ROOT.parent / "shared" / "testdata"))
@@ -26,11 +28,30 @@ def testdata() -> Path:
 @pytest.fixture(scope="session")
 def stories_f32(testdata: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """stories260K converted with this project's converters: (f32 .m file, tok512 .t file)."""
-    from converter.convert_hf import main as convert_hf
-    from converter.convert_tokenizer import main as convert_tokenizer
+    from dllama_py.converter.convert_hf import main as convert_hf
+    from dllama_py.converter.convert_tokenizer import main as convert_tokenizer
 
     folder = tmp_path_factory.mktemp("stories")
     model, tok = folder / "stories_f32.m", folder / "tok512.t"
     assert convert_hf([str(testdata / "stories260K_hf"), "f32", "stories", "--output", str(model), "--quiet"]) == 0
     assert convert_tokenizer([str(testdata / "stories260K" / "tok512.model"), "tok512", "--output", str(tok)]) == 0
     return model, tok
+
+
+@pytest.fixture(scope="module")
+def stories(stories_f32: tuple[Path, Path]) -> tuple[Path, Path]:
+    return stories_f32
+
+
+@pytest.fixture(scope="module")
+def workers():
+    """Three workers, shared by the tests of this module (each test leaves them waiting)."""
+    procs = [WorkerProcess() for _ in range(3)]
+    yield procs
+    for w in procs:
+        w.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(testdata: Path) -> list[dict]:
+    return json.loads((testdata / "reference" / "stories260K_greedy.json").read_text())["results"]

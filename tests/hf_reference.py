@@ -13,12 +13,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from dllama_py.converter.convert_hf import main as convert_hf_main
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-from converter.convert_hf import main as convert_hf_main
-from dllama_py import kernels
-from dllama_py.engine import LocalEngine
+from dllama_py.engine.engine import Engine
+from dllama_py.engine.exchange import ALL_ROWS
 from dllama_py.formats.model_file import read_model
+from dllama_py.model import kernels
 
 torch.set_num_threads(1)
 QK_SCALE = 4.0
@@ -60,18 +61,18 @@ def hf_greedy(model: torch.nn.Module, prompt: Sequence[int], steps: int) -> tupl
     return ids[len(prompt):], margins
 
 
-def engine_logits(engine: LocalEngine, ids: Sequence[int], batches: Sequence[int]) -> np.ndarray:
+def engine_logits(engine: Engine, ids: Sequence[int], batches: Sequence[int]) -> np.ndarray:
     """Logits (len(ids), vocab) of `ids` fed from position 0 in batches of the given sizes."""
     assert sum(batches) == len(ids)
     out, pos = [], 0
     for size in batches:
-        engine.step(list(ids[pos:pos + size]), pos, all_logits=True)
+        engine.step(list(ids[pos:pos + size]), pos, ALL_ROWS)
         out.append(np.array(engine.logits(), dtype=np.float32).reshape(size, -1))
         pos += size
     return np.concatenate(out)
 
 
-def engine_greedy(engine: LocalEngine, prompt: Sequence[int], steps: int) -> list[int]:
+def engine_greedy(engine: Engine, prompt: Sequence[int], steps: int) -> list[int]:
     """Greedy continuation with the engine: the prompt in one batch, then one token per step."""
     engine.step(list(prompt), 0)
     ids = [engine.argmax()]

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import numpy as np
 import numpy.typing as npt
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 BLOCK = 32  # values per Q40 / Q80 block
 Q40_BYTES = 18  # fp16 d + 16 bytes of nibbles

@@ -22,9 +22,9 @@ from api_support import (
     sse_events,
 )
 
-from dllama_py.chat_session import ChatFormat
-from dllama_py.generate import common_prefix
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.generation.chat_session import ChatFormat
+from dllama_py.generation.generator import common_prefix
+from dllama_py.text.tokenizer import Tokenizer
 
 STORY = "Once upon a time"
 

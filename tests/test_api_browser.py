@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from api_support import TEMPLATE, ApiServer, make_stories_files
 
-from dllama_py.chat_session import ChatFormat
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.generation.chat_session import ChatFormat
+from dllama_py.text.tokenizer import Tokenizer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"

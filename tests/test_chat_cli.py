@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dllama_py.chat_session import ChatFormat
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.generation.chat_session import ChatFormat
+from dllama_py.text.tokenizer import Tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -22,7 +22,7 @@ def stories(stories_f32: tuple[Path, Path]) -> tuple[Path, Path]:
 
 def run_chat(model: Path, tok: Path, lines: list[str], *extra: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "dllama_py.cli", "chat", "--model", str(model), "--tokenizer", str(tok),
+        [sys.executable, "-m", "dllama_py.commands.cli", "chat", "--model", str(model), "--tokenizer", str(tok),
          "--temperature", "0", "--max-tokens", "16", "--nthreads", "1", *extra],
         input="\n".join(lines) + "\n\n", capture_output=True, text=True, cwd=REPO, timeout=120)
 

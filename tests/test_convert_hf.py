@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dllama_py.converter.convert_hf import main, rotate_half_to_interleaved
 from safetensors.numpy import load_file
 from test_model_file import (
     COMPAT_MODELS,
@@ -20,7 +21,6 @@ from test_model_file import (
     q80_reference,
 )
 
-from converter.convert_hf import main, rotate_half_to_interleaved
 from dllama_py.formats.model_file import read_model
 
 Tensors = dict[str, tuple[str, np.ndarray]]  # name -> (safetensors dtype, raw array)

@@ -7,8 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dllama_py import kernels
-from dllama_py.engine import LocalEngine
+from dllama_py.engine.engine import Engine
+from dllama_py.engine.exchange import ALL_ROWS
+from dllama_py.model import kernels
+from dllama_py.model.kernels import WeightLayout
 
 
 @pytest.mark.parametrize("model", ["llama-tiny", "qwen3moe-tiny"])
@@ -17,10 +19,10 @@ def test_regrouped_and_mapped_q40_weights_give_the_same_logits(testdata, model):
     tokens = [1, 82, 113, 102, 104, 35, 120, 115, 114, 113, 35, 100, 35, 119, 108, 112]
     logits = []
     for mapped in (False, True):
-        engine = LocalEngine(path, threads=2, max_seq_len=64, mmap_weights=mapped)
-        expected_layout = "q40" if mapped or not kernels.q40x16_fast() else "q40x16"
-        assert engine.forward.wtype == expected_layout
-        engine.step(tokens, 0, all_logits=True)
+        engine = Engine(path, threads=2, max_seq_len=64, mmap_weights=mapped)
+        expected_layout = WeightLayout.Q40 if mapped or not kernels.q40x16_fast() else WeightLayout.Q40X16
+        assert engine.forward.layout == engine.layout == expected_layout
+        engine.step(tokens, 0, ALL_ROWS)
         logits.append(engine.logits().copy())
         engine.close()
     # the same integer block products, summed in another order: float rounding only

@@ -17,13 +17,14 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import TESTDATA
+from dllama_py.converter.convert_hf import main as convert_hf_main
+from dllama_py.converter.convert_tokenizer import main as convert_tokenizer_main
 
-from converter.convert_hf import main as convert_hf_main
-from converter.convert_tokenizer import main as convert_tokenizer_main
-from dllama_py.engine import LocalEngine
-from dllama_py.generate import Generator
-from dllama_py.sampler import Sampler
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.engine.engine import Engine
+from dllama_py.engine.exchange import ALL_ROWS
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.generator import Generator
+from dllama_py.text.tokenizer import Tokenizer
 
 BOS = 1
 F32_LOGIT_TOLERANCE = 1e-4  # max |ours - reference| / max |reference|
@@ -77,9 +78,9 @@ def generation_budget(case: dict[str, Any]) -> int:
 
 
 def run_dllama(*args: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed `dllama` command (or `python -m dllama_py.cli`) and capture its output."""
+    """Run the installed `dllama` command (or `python -m dllama_py.commands.cli`) and capture its output."""
     script = Path(sys.executable).with_name("dllama")
-    command = [str(script)] if script.is_file() else [sys.executable, "-m", "dllama_py.cli"]
+    command = [str(script)] if script.is_file() else [sys.executable, "-m", "dllama_py.commands.cli"]
     return subprocess.run([*command, *args], capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -117,7 +118,7 @@ def test_greedy_generation_reproduces_llama2c_token_for_token(
     stories: StoriesFiles, case: dict[str, Any], float_type: str
 ) -> None:
     tokenizer = Tokenizer.load(stories.tokenizer)
-    engine = LocalEngine(stories.models[float_type], threads=1)
+    engine = Engine(stories.models[float_type], threads=1)
     try:
         prompt = tokenizer.encode(case["prompt"], add_bos=True)
         assert prompt == case["prompt_ids_with_bos"]
@@ -135,7 +136,7 @@ def test_first_step_logits_match_llama2c_and_torch(stories: StoriesFiles) -> Non
     """Logits at the last prompt position (all 512) against run.c's float32 and PyTorch's float64."""
     case = next(c for c in CASES if "first_step_logits" in c)
     expected = case["first_step_logits"]
-    engine = LocalEngine(stories.models["f32"], threads=1)
+    engine = Engine(stories.models["f32"], threads=1)
     try:
         engine.step(case["prompt_ids_with_bos"], 0)
         logits = np.array(engine.logits())
@@ -152,9 +153,9 @@ def test_first_step_logits_match_llama2c_and_torch(stories: StoriesFiles) -> Non
 def test_every_prompt_position_has_torchs_top5(stories: StoriesFiles) -> None:
     """all_logits: the top-5 ids and logits at each prompt position, against PyTorch float64."""
     case = next(c for c in CASES if "all_prompt_position_top5_torch_fp64" in c)
-    engine = LocalEngine(stories.models["f32"], threads=1)
+    engine = Engine(stories.models["f32"], threads=1)
     try:
-        engine.step(case["prompt_ids_with_bos"], 0, all_logits=True)
+        engine.step(case["prompt_ids_with_bos"], 0, ALL_ROWS)
         logits = np.array(engine.logits())
     finally:
         engine.close()
@@ -169,7 +170,7 @@ def test_inference_command_prints_prompt_ids_tokens_and_stats_as_json(stories: S
     case = CASES[0]
     steps = len(case["generated_ids"])
     result = run_inference(stories, "--prompt", case["prompt"], "--steps", str(steps), "--temperature", "0",
-                           "--json")
+                           "--json", "--verbose")
     assert result.returncode == 0, result.stderr
     lines = [json.loads(line) for line in result.stdout.splitlines()]
     assert lines[0] == {"prompt_ids": case["prompt_ids_with_bos"]}
@@ -191,6 +192,10 @@ def test_inference_command_text_mode_prints_llama2c_text(stories: StoriesFiles) 
                            "--temperature", "0", float_type="f16")
     assert result.returncode == 0, result.stderr
     assert result.stdout == case["text"] + "\n"
+    # without --verbose no per-token line interrupts the text in a terminal; the summary follows it
+    assert "🔶 Pred" not in result.stderr and "🔷" not in result.stderr
+    summary = result.stderr[result.stderr.index("Evaluation"):]
+    assert "Prediction" in summary and "tokens/s" in summary
 
 
 def test_prompt_ids_flag_gives_the_same_tokens(stories: StoriesFiles) -> None:
@@ -267,7 +272,7 @@ def test_sampling_with_a_seed_is_reproducible(stories: StoriesFiles) -> None:
 
 def test_command_and_library_sample_the_same_tokens(stories: StoriesFiles) -> None:
     tokenizer = Tokenizer.load(stories.tokenizer)
-    engine = LocalEngine(stories.models["f32"], threads=1)
+    engine = Engine(stories.models["f32"], threads=1)
     try:
         result = Generator(engine, tokenizer).generate(tokenizer.encode("Once upon a time"), 40,
                                                        Sampler(0.8, 0.9, seed=42), stop_ids=[])

@@ -36,7 +36,7 @@ from hf_reference import (
     relative_error,
 )
 
-from dllama_py.engine import LocalEngine
+from dllama_py.engine.engine import Engine
 
 F32_TOLERANCE = 1e-4  # max |ours - transformers| / max |transformers|, float32 weights and activations
 # q80 activation rounding: each block of 32 is rounded to steps of amax/127, an error of up to amax/254
@@ -88,8 +88,8 @@ class Models:
     def converted(self, name: str, float_type: str) -> Path:
         return convert(self.hf_dir(name), float_type, self.folder / f"{name}_{float_type}.m")
 
-    def engine(self, name: str, float_type: str = "f32") -> LocalEngine:
-        return LocalEngine(self.converted(name, float_type), threads=1, max_seq_len=128)
+    def engine(self, name: str, float_type: str = "f32") -> Engine:
+        return Engine(self.converted(name, float_type), threads=1, max_seq_len=128)
 
     def sequence(self, name: str) -> list[int]:
         """64 ids: BOS, then random ids (fixed seed) from the model's vocabulary."""
@@ -282,7 +282,7 @@ def run_like_dllama(case: dict[str, Any]) -> tuple[list[int], np.ndarray]:
     """Feed what `dllama inference` fed: prompt ids but the last at positions 0..N-2 in one batch,
     then at each generation step the token it fed (token 0 first, then its own previous token).
     Returns (our argmax per step, our logits per step (steps, vocab))."""
-    engine = LocalEngine(TESTDATA / "compat" / case["model_file"], threads=1,
+    engine = Engine(TESTDATA / "compat" / case["model_file"], threads=1,
                          buffer_type=case["buffer_float_type"], max_seq_len=64)
     try:
         prompt = case["prompt_ids_dllama"]

@@ -18,7 +18,7 @@ import pytest
 from kernel_reference import PATHS, THREADS, kernel_settings
 
 import dllama_py
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 ALL_PATH_NAMES = ("scalar", "neon", "avx2", "avx512", "avx512vnni")
 
@@ -87,18 +87,18 @@ def test_set_isa_with_an_unknown_name_lists_the_available_paths() -> None:
 
 @pytest.mark.parametrize("isa", PATHS)
 def test_dllama_isa_environment_variable_forces_the_path_in_a_fresh_process(isa: str) -> None:
-    result = run_python("import dllama_py.kernels as k; print(k.get_isa())", DLLAMA_ISA=isa)
+    result = run_python("import dllama_py.model.kernels as k; print(k.get_isa())", DLLAMA_ISA=isa)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == isa
 
 
 def test_an_empty_dllama_isa_means_the_best_path() -> None:
-    result = run_python("import dllama_py.kernels as k; print(k.get_isa())", DLLAMA_ISA="")
+    result = run_python("import dllama_py.model.kernels as k; print(k.get_isa())", DLLAMA_ISA="")
     assert result.stdout.strip() == kernels.best_isa()
 
 
 def test_an_invalid_dllama_isa_fails_with_the_name_and_the_available_paths() -> None:
-    code = "import numpy as np, dllama_py.kernels as k; k.quantize_q80(np.zeros(32, np.float32))"
+    code = "import numpy as np, dllama_py.model.kernels as k; k.quantize_q80(np.zeros(32, np.float32))"
     result = run_python(code, DLLAMA_ISA="avx1024")
     assert result.returncode != 0
     assert (
@@ -133,9 +133,9 @@ def test_set_num_threads_resizes_the_pool(nthreads: int) -> None:
 
 def test_the_default_pool_has_one_thread_per_hardware_thread_unless_dllama_nthreads_says() -> None:
     assert kernels.hardware_threads() == os.cpu_count()
-    result = run_python("import dllama_py.kernels as k; print(k.get_num_threads())")
+    result = run_python("import dllama_py.model.kernels as k; print(k.get_num_threads())")
     assert result.stdout.strip() == str(kernels.hardware_threads())
-    result = run_python("import dllama_py.kernels as k; print(k.get_num_threads())", DLLAMA_NTHREADS="3")
+    result = run_python("import dllama_py.model.kernels as k; print(k.get_num_threads())", DLLAMA_NTHREADS="3")
     assert result.stdout.strip() == "3"
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from kernel_reference import PATHS, THREADS, kernel_settings
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 U = 2.0**-24  # float32 unit roundoff
 SETTINGS = [(isa, n) for isa in PATHS for n in THREADS]

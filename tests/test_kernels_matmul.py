@@ -26,7 +26,7 @@ from kernel_reference import (
     quantize_q80_reference,
 )
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
 # Rows not a multiple of the 4-row tile (13, 37) and one that is (20, 256); 1, 3, 5, 17, 33 and 129

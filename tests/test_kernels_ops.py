@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from kernel_reference import PATHS, THREADS, kernel_settings, quantize_q80_reference
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 U = 2.0**-24  # float32 unit roundoff
 TINY = 2.0**-126  # smallest normal float32: results below it may come out as zero

@@ -17,7 +17,7 @@ from kernel_reference import (
     quantize_q80_reference,
 )
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 U = 2.0**-24
 

@@ -25,7 +25,7 @@ from kernel_reference import (
     quantize_q80_reference,
 )
 
-from dllama_py import kernels
+from dllama_py.model import kernels
 
 # ---- golden blocks, derived by hand -------------------------------------------------------------------
 # Q40 block: fp16 d (2 bytes, little-endian) + 16 bytes: byte j = q[j] | q[j+16] << 4, q = trunc(clamp(x/d + 8.5, 0, 15)).

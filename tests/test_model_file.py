@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dllama_py.config import ArchType, ConfigError, FloatType, HeaderKey, ModelConfig, RopeType
 from dllama_py.formats.model_file import (
     ModelFile,
     ModelFormatError,
     ModelWriter,
     encode_header,
     read_model,
-    tensor_specs,
     write_model,
 )
+from dllama_py.model.config import ArchType, ConfigError, FloatType, HeaderKey, ModelConfig, RopeType
+from dllama_py.model.structure import tensor_specs
 
 COMPAT_MODELS = ["llama-tiny", "qwen3-tiny", "qwen3moe-tiny"]
 

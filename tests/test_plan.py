@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from dllama_py.config import ArchType, FloatType, ModelConfig
-from dllama_py.formats.model_file import tensor_specs
-from dllama_py.plan import Plan, PlanError, split_evenly, split_weighted
+from dllama_py.model.config import ArchType, FloatType, ModelConfig
+from dllama_py.model.plan import Plan, PlanError, split_evenly, split_weighted
+from dllama_py.model.structure import Split, tensor_specs
 
 
 def llama(weight_type: FloatType = FloatType.Q40, n_kv_heads: int = 8, **kw) -> ModelConfig:
@@ -64,16 +64,16 @@ def test_every_row_of_every_tensor_has_exactly_one_owner(weight_type, n, shares)
         owners = np.zeros((rows, cols), dtype=np.int32)
         for node in range(n):
             cut = plan.cut(spec.name, node)
-            if cut.kind == "rows":
+            if cut.kind is Split.ROWS:
                 owners[cut.start:cut.stop] += 1
-            elif cut.kind == "cols":
+            elif cut.kind is Split.COLS:
                 owners[:, cut.start:cut.stop] += 1
                 if weight_type == FloatType.Q40:
                     assert cut.start % 32 == 0 and cut.stop % 32 == 0, (spec.name, cut)
-            elif cut.kind == "full":
+            elif cut.kind is Split.FULL:
                 owners += 1 if node == 0 else 0  # held by every node; counted once
             else:  # the root's alone (the embedding): every node sees the same answer
-                assert cut.kind == "root"
+                assert cut.kind is Split.ROOT
                 owners += 1 if node == 0 else 0
         assert (owners == 1).all(), spec.name
 
@@ -98,7 +98,7 @@ def test_more_nodes_than_kv_heads_is_refused_with_the_counts_that_work():
 
 
 def test_auto_shares_are_rounded_to_steady_5_percent_steps():
-    from dllama_py.cluster.root import auto_shares
+    from dllama_py.model.plan import auto_shares
 
     assert auto_shares([35.0, 35.0]) == [10.0, 10.0]
     assert auto_shares([48.0, 32.0]) == auto_shares([47.0, 33.0]) == auto_shares([49.0, 31.0]) == [12.0, 8.0]
@@ -119,7 +119,7 @@ def test_the_plan_table_counts_the_mapped_embedding_apart_from_the_roots_ram():
 
 
 def test_auto_shares_hold_a_fast_node_with_little_ram_to_what_it_can_hold():
-    from dllama_py.cluster.root import auto_shares
+    from dllama_py.model.plan import auto_shares
 
     GiB = 2**30
     # the root is 3x faster but has 2 GiB for a 10 GiB model: it gets at most 90% of 2 GiB
@@ -134,7 +134,7 @@ def test_auto_shares_hold_a_fast_node_with_little_ram_to_what_it_can_hold():
 
 
 def test_auto_shares_refuse_a_model_the_nodes_cannot_hold_together():
-    from dllama_py.cluster.root import auto_shares
+    from dllama_py.model.plan import auto_shares
 
     GiB = 2**30
     with pytest.raises(PlanError, match=r"needs 10.0 GiB .*\(root 4.0 GiB worker 4.0 GiB.*add a node"):

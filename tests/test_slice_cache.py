@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from cluster_helpers import WorkerProcess
 
-from dllama_py.cluster.root import ClusterEngine
+from dllama_py.cluster.root import cluster_engine
 from dllama_py.cluster.slice_cache import entry_key, model_fingerprint
+from dllama_py.engine.sampler import Sampler
 from dllama_py.formats.model_file import read_model
-from dllama_py.generate import Generator
-from dllama_py.plan import Plan
-from dllama_py.sampler import Sampler
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.generation.generator import Generator
+from dllama_py.model.plan import Plan
+from dllama_py.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def reference(testdata: Path) -> dict:
 def run(model: Path, tok: Path, workers: list[WorkerProcess], reference: dict) -> list[str]:
     """One root session greedy-decoding the reference prompt; returns the root's log lines."""
     lines: list[str] = []
-    engine = ClusterEngine(model, [w.address for w in workers], threads=1, log=lines.append, progress=False)
+    engine = cluster_engine(model, [w.address for w in workers], threads=1, log=lines.append, progress=False)
     try:
         tokenizer = Tokenizer.load(tok)
         ids = tokenizer.encode(reference["prompt"])
@@ -109,7 +109,7 @@ def test_fingerprint_follows_the_bytes_not_the_path(stories_f32, tmp_path):
 def test_unusable_cache_dir_is_refused_at_start(tmp_path):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
-    out = subprocess.run([sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port", "0",
+    out = subprocess.run([sys.executable, "-m", "dllama_py.commands.cli", "worker", "--host", "127.0.0.1", "--port", "0",
                           "--cache-dir", str(not_a_dir / "sub")], capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "cannot use" in out.stderr and "Traceback" not in out.stderr, out.stderr
 

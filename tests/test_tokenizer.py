@@ -10,7 +10,7 @@ import pytest
 from tokenizer_corpus import long_text, make_corpus
 from tokenizer_references import NAMES, converted_paths, references, tokenizers  # noqa: F401
 
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.text.tokenizer import Tokenizer
 
 REFERENCE_KEYS = {
     "tok512": "tok512_sentencepiece",

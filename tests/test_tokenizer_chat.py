@@ -9,14 +9,14 @@ import jinja2
 import pytest
 from tokenizer_references import converted_paths, tokenizers  # noqa: F401
 
-from dllama_py.chat import (
+from dllama_py.text.chat import (
     BUILTIN_TEMPLATES,
     end_of_turn_tokens,
     render_chat,
     resolve_template,
     template_family,
 )
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.text.tokenizer import Tokenizer
 
 MESSAGES = [
     {"role": "system", "content": "Be brief."},

@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+from dllama_py.converter.convert_tokenizer import convert, main
 
-from converter.convert_tokenizer import convert, main
 from dllama_py.formats.tokenizer_file import read_tokenizer_file
 
 
@@ -68,7 +68,7 @@ def _qwen_hf_tokenizer(testdata: Path):
     from tokenizers import Tokenizer as HuggingFaceTokenizer
     from tokenizers.models import BPE
 
-    from dllama_py.tokenizer_kind import QWEN2_PATTERN
+    from dllama_py.text.tokenizer_kind import QWEN2_PATTERN
 
     folder = testdata / "qwen3_tokenizer"
     tokenizer = HuggingFaceTokenizer(BPE.from_file(str(folder / "vocab.json"), str(folder / "merges.txt")))

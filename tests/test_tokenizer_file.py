@@ -6,8 +6,8 @@ import struct
 from pathlib import Path
 
 import pytest
+from dllama_py.converter.convert_tokenizer import convert
 
-from converter.convert_tokenizer import convert
 from dllama_py.formats.tokenizer_file import (
     LEGACY_MAGIC,
     MAGIC,

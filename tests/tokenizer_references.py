@@ -13,12 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from dllama_py.converter.convert_tokenizer import convert
+from dllama_py.converter.tokenizer_sources import LLAMA3_SPECIALS
 
-from converter.convert_tokenizer import convert
-from converter.tokenizer_sources import LLAMA3_SPECIALS
 from dllama_py.formats.tokenizer_file import write_tokenizer_file
-from dllama_py.tokenizer import Tokenizer
-from dllama_py.tokenizer_kind import QWEN2_PATTERN
+from dllama_py.text.tokenizer import Tokenizer
+from dllama_py.text.tokenizer_kind import QWEN2_PATTERN
 
 SOURCES = {
     "tok512": "stories260K/tok512.model",

@@ -25,7 +25,7 @@ from dllama_py.api import responses as r
 from dllama_py.api.errors import ApiError
 from dllama_py.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest, parse_body
 from dllama_py.api.service import GenerationService, Job, Outcome
-from dllama_py.tokenizer_kind import KIND_SENTENCEPIECE
+from dllama_py.text.tokenizer_kind import KIND_SENTENCEPIECE
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from dllama_py.cli import (
+from dllama_py.commands.options import (
     UserError,
     add_engine_arguments,
     check_vocab,
@@ -15,7 +15,7 @@ from dllama_py.cli import (
     log_stderr,
     make_engine,
 )
-from dllama_py.engine import EngineError
+from dllama_py.engine.engine import EngineError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +148,6 @@ def main(argv: list[str] | None = None) -> int:
         print("\ninterrupted", file=sys.stderr)
         return 130
     info = service.engine.info
-    if not args.workers:  # a cluster engine has shown its plan while connecting
-        log_stderr(info.plan_text)
     for note in info.notes:
         log_stderr(f"note: {note}")
     log_stderr(

@@ -25,11 +25,11 @@ from typing import Any
 from jinja2 import TemplateError
 
 from dllama_py.api.errors import ApiError
-from dllama_py.chat_session import ChatFormat
-from dllama_py.engine import Engine, EngineError
-from dllama_py.generate import ContextFullError, Generator, TokenEvent
-from dllama_py.sampler import Sampler
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.engine.engine import Engine, EngineError
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.chat_session import ChatFormat
+from dllama_py.generation.generator import ContextFullError, Generator, TokenEvent
+from dllama_py.text.tokenizer import Tokenizer
 
 IDLE_CHECK_S = 2.0  # how often an idle server checks that its workers are still there
 
@@ -91,7 +91,7 @@ class Job:
 class GenerationService:
     """Owns the engine, the generator and the thread that runs them.
 
-    engine_factory builds an Engine (LocalEngine or ClusterEngine); it is called once here
+    engine_factory builds an Engine (on one node or a cluster); it is called once here
     (errors propagate) and again after a failure, in the background, until it succeeds.
     """
 
@@ -191,11 +191,10 @@ class GenerationService:
     def _check_idle_engine(self) -> None:
         """While idle, notice workers that went away, so /health tells before a request fails."""
         engine = self.engine
-        check = getattr(engine, "check_workers", None)
-        if check is None:
+        if engine is None:
             return
         try:
-            check()
+            engine.check_alive()
         except EngineError as error:
             self._engine_failed(error)
 

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama_py.formats.model_file import ModelFile, tensor_specs
-from dllama_py.plan import Plan
+from dllama_py.formats.model_file import ModelFile
+from dllama_py.model.plan import Plan
+from dllama_py.model.structure import Split, tensor_specs
 
 FORMAT = 1  # bump when the layout of an entry changes
 RESERVE_FRACTION = 0.05  # the cache never fills the disk beyond 95%...
@@ -65,7 +66,7 @@ def entry_key(model_id: str, plan: Plan, node: int) -> str:
     h.update(f"{FORMAT}:{model_id}:{plan.n_nodes}:{node}".encode())
     for spec in tensor_specs(plan.config):
         cut = plan.cut(spec.name, node)
-        h.update(f"{spec.name}:{cut.kind}:{cut.start}:{cut.stop}:{spec.float_type.name}:"
+        h.update(f"{spec.name}:{cut.kind.value}:{cut.start}:{cut.stop}:{spec.float_type.name}:"
                  f"{plan.slice_shape(spec.name, spec.shape, node)};".encode())
     return h.hexdigest()
 
@@ -74,7 +75,7 @@ def _expected(plan: Plan, node: int) -> list[tuple[str, tuple[int, int], np.dtyp
     """(name, storage shape, dtype, bytes) of every tensor node `node` receives, in file order."""
     out = []
     for spec in tensor_specs(plan.config):
-        if plan.cut(spec.name, node).kind == "root":
+        if plan.cut(spec.name, node).kind is Split.ROOT:
             continue
         rows, cols = plan.slice_shape(spec.name, spec.shape, node)
         shape = (rows, spec.float_type.row_elements(cols))

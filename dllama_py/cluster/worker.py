@@ -10,23 +10,25 @@ from __future__ import annotations
 import gc
 import select
 import socket
-import struct
 import sys
 import threading
 import time
 
 import numpy as np
 
-from dllama_py import _core, kernels
-from dllama_py.cluster import logits as L
+from dllama_py import _core
 from dllama_py.cluster import protocol as p
+from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh
 from dllama_py.cluster.slice_cache import EntryWriter, SliceCache, entry_key
-from dllama_py.cluster.sync import MeshSync, net_spin_us, open_mesh
-from dllama_py.config import ModelConfig
-from dllama_py.engine import BUFFER_TYPES, known_available_memory, memory_shortfall
-from dllama_py.formats.model_file import tensor_specs
-from dllama_py.forward import NodeForward
-from dllama_py.plan import Plan
+from dllama_py.engine.engine import known_available_memory, memory_shortfall
+from dllama_py.engine.exchange import Exchange, LogitsMode, Readout
+from dllama_py.engine.loader import choose_layout, prepare_weights
+from dllama_py.engine.transport import BUFFER_TYPES
+from dllama_py.model import kernels
+from dllama_py.model.config import ModelConfig
+from dllama_py.model.forward import NodeForward
+from dllama_py.model.plan import Plan
+from dllama_py.model.structure import Split, tensor_specs
 
 HANDSHAKE_TIMEOUT_S = 10.0
 MAX_BATCH = 1024  # the most prompt rows per step a root may ask for
@@ -39,18 +41,14 @@ def log(message: str) -> None:
 def handshake(conn: socket.socket, secret: str | None, speed: float = 0.0) -> p.Setup:
     """Worker side of the root handshake; returns the root's setup or raises ProtocolError."""
     nonce_w = p.new_nonce()
-    p.send_frame(conn, p.pack(p.MsgType.HELLO_WORKER, nonce_w))
-    _, body = p.unpack(p.recv_frame(conn), p.MsgType.HELLO_ROOT)
-    if len(body) != p.NONCE_BYTES + 32:
-        raise p.ProtocolError("malformed HELLO_ROOT")
-    nonce_r, root_proof = body[: p.NONCE_BYTES], body[p.NONCE_BYTES:]
-    if not p.proofs_equal(root_proof, p.proof(secret, b"root", nonce_w)):
-        p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.AUTH_FAILED]) + bytes(32 + p.SPEED.size)))
+    p.send_frame(conn, p.HelloWorker(nonce_w).encode())
+    hello = p.read(p.recv_frame(conn), p.HelloRoot)
+    if not p.proofs_equal(hello.proof, p.proof(secret, b"root", nonce_w)):
+        p.send_frame(conn, p.Welcome(p.WelcomeStatus.AUTH_FAILED).encode())
         raise p.ProtocolError("the root does not know this worker's secret (check --secret / DLLAMA_SECRET)")
-    p.send_frame(conn, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.OK]) + p.proof(secret, b"worker", nonce_r)
-                              + p.SPEED.pack(speed, known_available_memory() or 0)))
-    _, body = p.unpack(p.recv_frame(conn), p.MsgType.SETUP)
-    return p.Setup.decode(body)
+    p.send_frame(conn, p.Welcome(p.WelcomeStatus.OK, p.proof(secret, b"worker", hello.nonce), speed,
+                                 known_available_memory() or 0).encode())
+    return p.read(p.recv_frame(conn), p.Setup)
 
 
 def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
@@ -62,8 +60,7 @@ def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
     for j in range(me + 1, len(setup.addresses)):
         host, port = p.parse_address(setup.addresses[j])
         sock = socket.create_connection((host, port), timeout=HANDSHAKE_TIMEOUT_S)
-        hello = session + struct.pack("<I", me) + p.proof(secret, b"mesh", session, str(me).encode())
-        p.send_frame(sock, p.pack(p.MsgType.MESH_HELLO, hello))
+        p.send_frame(sock, p.MeshHello(session, me, p.proof(secret, b"mesh", session, str(me).encode())).encode())
         peers[j] = sock
     deadline = time.monotonic() + HANDSHAKE_TIMEOUT_S * 3
     while len(peers) < len(setup.addresses) - 2:  # every other worker
@@ -83,13 +80,13 @@ def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
             continue
         sock.settimeout(HANDSHAKE_TIMEOUT_S)
         try:
-            _, body = p.unpack(p.recv_frame(sock), p.MsgType.MESH_HELLO)
-            if len(body) != p.NONCE_BYTES + 4 + 32 or body[: p.NONCE_BYTES] != session:
+            hello = p.read(p.recv_frame(sock), p.MeshHello)
+            if hello.session != session:
                 raise p.ProtocolError("mesh hello for another session")
-            (j,) = struct.unpack_from("<I", body, p.NONCE_BYTES)
+            j = hello.node
             if not 1 <= j < me or j in peers:
                 raise p.ProtocolError(f"unexpected mesh peer index {j}")
-            if not p.proofs_equal(body[p.NONCE_BYTES + 4:], p.proof(secret, b"mesh", session, str(j).encode())):
+            if not p.proofs_equal(hello.proof, p.proof(secret, b"mesh", session, str(j).encode())):
                 raise p.ProtocolError("mesh peer does not know the secret")
             peers[j] = sock
         except (p.ProtocolError, OSError) as error:
@@ -104,7 +101,7 @@ def receive_weights(mesh: _core.Mesh, plan: Plan, node: int, store: EntryWriter 
     weights = {}
     for spec in tensor_specs(plan.config):
         cut = plan.cut(spec.name, node)
-        if cut.kind == "root":
+        if cut.kind is Split.ROOT:
             continue
         rows, cols = plan.slice_shape(spec.name, spec.shape, node)
         array = np.empty((rows, spec.float_type.row_elements(cols)), dtype=spec.float_type.storage_dtype)
@@ -127,7 +124,7 @@ class Heartbeat:
     def _run(self) -> None:
         while not self.stopping.wait(1.0):
             try:
-                self.mesh.send_message(0, p.pack(p.MsgType.LOADING), "reporting progress while loading")
+                self.mesh.send_message(0, p.Loading().encode(), "reporting progress while loading")
             except ConnectionError:
                 return  # the main thread hears about it on its next operation
 
@@ -164,14 +161,14 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     try:
         plan = check_setup(setup)
     except ValueError as error:  # tell the root why, before anything is allocated
-        p.send_frame(conn, p.pack(p.MsgType.ERROR, str(error).encode("utf-8")[:4000]))
+        p.send_frame(conn, p.Error(str(error)).encode())
         raise
     config = plan.config
     me = setup.node_index
     peers = connect_mesh(listener, conn, setup, secret)
     key = entry_key(setup.model_id, plan, me) if cache is not None and setup.model_id else None
     cached = key is not None and cache.has(key, plan, me)
-    p.send_frame(conn, p.pack(p.MsgType.READY, bytes([p.READY_HAS_WEIGHTS if cached else 0])))
+    p.send_frame(conn, p.Ready(cached).encode())
     fds = [-1] * plan.n_nodes
     names = list(setup.addresses)
     names[0] = f"root {conn.getpeername()[0]}"
@@ -205,11 +202,13 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
                 store.commit()
             how = f"received {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights"
         log(f"{how} in {time.perf_counter() - start:.1f} s (node {me} of {plan.n_nodes})")
+        layout = choose_layout(config)
+        prepare_weights(weights, layout)
         sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
-        forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage)
+        forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage, layout)
         heartbeat.stop()
         heartbeat = None
-        mesh.send_message(0, p.pack(p.MsgType.LOADED), "reporting its weights loaded")
+        mesh.send_message(0, p.Loaded().encode(), "reporting its weights loaded")
         mesh.reset_counters()  # per-step traffic starts here, as on the root
         follow_root(mesh, plan, me, forward, setup)
     finally:
@@ -244,9 +243,9 @@ class BusyResponder:
                 continue
             try:
                 sock.settimeout(2.0)
-                p.send_frame(sock, p.pack(p.MsgType.HELLO_WORKER, p.new_nonce()))
-                p.unpack(p.recv_frame(sock), p.MsgType.HELLO_ROOT)
-                p.send_frame(sock, p.pack(p.MsgType.WELCOME, bytes([p.Welcome.BUSY]) + bytes(32 + p.SPEED.size)))
+                p.send_frame(sock, p.HelloWorker(p.new_nonce()).encode())
+                p.read(p.recv_frame(sock), p.HelloRoot)
+                p.send_frame(sock, p.Welcome(p.WelcomeStatus.BUSY).encode())
                 log(f"told root {addr[0]}:{addr[1]} that this worker is {self.reason}")
             except (p.ProtocolError, OSError) as error:
                 log(f"refused connection from {addr[0]}:{addr[1]} during a session: {error}")
@@ -263,49 +262,45 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
     """Run the root's steps until END; returns when the root ends the session."""
     dim = plan.config.dim
     x_buf = np.zeros((setup.max_batch, dim), dtype=np.float32)
-    max_step = p.HEADER.size + p.STEP.size + setup.max_batch * dim * 4
-    s = plan.nodes[me]
-    last = np.zeros((1, s.vocab_width), dtype=np.float32)
+    max_step = p.HEADER.size + p.STEP.size + setup.max_batch * dim * 4  # the largest STEP this session sends
+    exchange = Exchange(plan, me)
+    last = np.zeros((0, plan.nodes[me].vocab_width), dtype=np.float32)
+    all_rows = False
     while True:
         while not mesh.wait_readable(0, 5000):
             pass  # an idle root is not a dead one; a dead one makes the socket readable (EOF)
-        kind, body = p.unpack(mesh.recv_message(0, max_step, "waiting for the next step"),
-                              (p.MsgType.STEP, p.MsgType.LOGITS, p.MsgType.END))
-        if kind == p.MsgType.END:
+        message = p.read(mesh.recv_message(0, max_step, "waiting for the next step"), p.Step, p.SendLogits, p.End,
+                         dim=dim)
+        if isinstance(message, p.End):
             return
-        if kind == p.MsgType.LOGITS:  # the root wants the whole slice of the last step after all
-            reply(mesh, plan, me, p.LogitsMode.FULL, last, 0.0, 0, forward.sync.seconds)
+        if isinstance(message, p.SendLogits):  # the root wants the whole slice of the last step after all
+            reply(mesh, exchange, Readout(LogitsMode.FULL, all_rows=all_rows), last, forward.sync.seconds)
             continue
-        flags, mode, batch, pos0, temperature, vocab_limit = p.STEP.unpack_from(body)
-        if not 0 < batch <= setup.max_batch or len(body) != p.STEP.size + batch * dim * 4:
-            raise p.ProtocolError(f"malformed step (batch {batch})")
-        x = x_buf[:batch]
-        x.reshape(-1)[:] = np.frombuffer(body, dtype=np.float32, offset=p.STEP.size)
-        positions = np.arange(pos0, pos0 + batch, dtype=np.int32)
-        last = forward.forward(x, positions, all_logits=bool(flags & p.STEP_ALL_LOGITS),
-                               logits=mode != p.LogitsMode.NONE)
-        reply(mesh, plan, me, p.LogitsMode(mode), last, temperature, vocab_limit, forward.sync.seconds)
+        if message.batch > setup.max_batch:
+            raise p.ProtocolError(f"malformed step: {message.batch} rows, more than this session's {setup.max_batch}")
+        try:
+            readout = Readout(message.mode, message.all_logits, message.temperature, message.vocab_limit)
+        except ValueError as error:
+            raise p.ProtocolError(f"malformed step: {error}") from None
+        x = x_buf[:message.batch]
+        x[:] = message.x
+        positions = np.arange(message.position, message.position + message.batch, dtype=np.int32)
+        last = forward.forward(x, positions, readout.all_rows, logits=readout.mode != LogitsMode.NONE)
+        all_rows = readout.all_rows
+        reply(mesh, exchange, readout, last, forward.sync.seconds)
 
 
-def reply(mesh: _core.Mesh, plan: Plan, me: int, mode: p.LogitsMode, logits: np.ndarray, temperature: float,
-          vocab_limit: int, waited_s: float) -> None:
-    """Send this node's part of the logits to the root, as the step's mode asks."""
-    s = plan.nodes[me]
-    if mode == p.LogitsMode.NONE:
+def reply(mesh: _core.Mesh, exchange: Exchange, readout: Readout, logits: np.ndarray, waited_s: float) -> None:
+    """Send this node's part of the logits to the root, as the step's readout asks."""
+    if readout.mode == LogitsMode.NONE:
         return
-    if mode == p.LogitsMode.ARGMAX:
-        offsets, sizes = L.argmax_layout(plan.n_nodes)
-        mine, label = L.encode_argmax(logits[-1], s.vocab_start, vocab_limit), "sending the best token"
-    elif mode == p.LogitsMode.TOPK:
-        offsets, sizes = L.topk_layout(plan.n_nodes)
-        mine, label = L.encode_topk(logits[-1], s.vocab_start, vocab_limit, temperature), "sending top tokens"
-    else:
-        offsets, sizes = L.full_layout(plan, logits.shape[0])
-        mine, label = logits.tobytes(), "sending logits"
-    mine = L.with_counters(mine, mesh.bytes_sent, mesh.bytes_received, waited_s)
+    offsets, sizes = exchange.layout(readout, logits.shape[0])
+    part = exchange.part(readout, logits, (mesh.bytes_sent, mesh.bytes_received, waited_s))
+    me = exchange.node
     buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
-    buf[offsets[me]:offsets[me] + sizes[me]] = np.frombuffer(mine, dtype=np.uint8)
-    mesh.gather(0, buf, offsets, sizes, label)
+    buf[offsets[me]:offsets[me] + sizes[me]] = np.frombuffer(part, dtype=np.uint8)
+    label = {LogitsMode.ARGMAX: "sending the best token", LogitsMode.TOPK: "sending top tokens"}
+    mesh.gather(0, buf, offsets, sizes, label.get(readout.mode, "sending logits"))
 
 
 def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False,

@@ -1,0 +1,1 @@
+"""Files on disk: distributed-llama's model (.m) and tokenizer (.t) formats."""

@@ -3,7 +3,7 @@
 Layout (../shared/dllama-format.md section 1): int32 magic, int32 header size, (key, value) int32
 pairs, then the tensors back to back with no names, padding or trailer. The order and the float
 type of every tensor follow from the header alone; `tensor_specs` computes them and both the
-reader and the writer use it.
+reader and the writer use it (it lives in model/structure.py, with how a plan cuts each tensor).
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from types import TracebackType
 import numpy as np
 import numpy.typing as npt
 
-from dllama_py.config import ConfigError, FloatType, ModelConfig
+from dllama_py.model.config import ConfigError, FloatType, ModelConfig
+from dllama_py.model.structure import TensorSpec, tensor_specs
 
 MAGIC = 0x0A00ABCD
 OLD_MAGICS = (0xABCD00, 0xABCD01)
@@ -27,79 +28,6 @@ OLD_MAGICS = (0xABCD00, 0xABCD01)
 
 class ModelFormatError(ValueError):
     """A `.m` file is malformed or unsupported; the message names the file and the problem."""
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """One tensor of a `.m` file: its name (e.g. `layers.3.wq`), shape (rows, cols) and encoding.
-
-    Vectors (norm weights) have shape (1, n).
-    """
-
-    name: str
-    shape: tuple[int, int]
-    float_type: FloatType
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes on disk."""
-        return self.float_type.tensor_bytes(*self.shape)
-
-    @property
-    def storage_shape(self) -> tuple[int, int]:
-        """Shape of the stored array: (rows, cols) for f32/f16, (rows, cols/32*block_bytes) for q40/q80."""
-        rows, cols = self.shape
-        return rows, self.float_type.row_elements(cols)
-
-
-def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
-    """The tensors of a model in file order, as distributed-llama's converter writes them.
-
-    Embedding, norms, q/k norms and the MoE router are f32; every other matrix uses
-    `config.weight_float_type`. Returns a list of TensorSpec; raises ConfigError when a matrix
-    row is not a whole number of quantization blocks.
-    """
-    wt, f32 = config.weight_float_type, FloatType.F32
-    dim, ff = config.dim, config.ff_dim
-    specs = [TensorSpec("embedding", (config.vocab_size, dim), f32)]
-    for layer in range(config.n_layers):
-        p = f"layers.{layer}."
-        specs += [
-            TensorSpec(p + "wq", (config.q_dim, dim), wt),
-            TensorSpec(p + "wk", (config.kv_dim, dim), wt),
-            TensorSpec(p + "wv", (config.kv_dim, dim), wt),
-            TensorSpec(p + "wo", (dim, config.q_dim), wt),
-        ]
-        if config.is_moe:
-            specs.append(TensorSpec(p + "router", (config.n_experts, dim), f32))
-            for expert in range(config.n_experts):
-                e = f"{p}experts.{expert}."
-                specs += [
-                    TensorSpec(e + "w1", (ff, dim), wt),
-                    TensorSpec(e + "w2", (dim, ff), wt),
-                    TensorSpec(e + "w3", (ff, dim), wt),
-                ]
-        else:  # gate, down, up: distributed-llama's order
-            specs += [
-                TensorSpec(p + "w1", (ff, dim), wt),
-                TensorSpec(p + "w2", (dim, ff), wt),
-                TensorSpec(p + "w3", (ff, dim), wt),
-            ]
-        if config.has_qk_norm:
-            specs += [
-                TensorSpec(p + "q_norm", (1, config.head_dim), f32),
-                TensorSpec(p + "k_norm", (1, config.head_dim), f32),
-            ]
-        specs += [TensorSpec(p + "attention_norm", (1, dim), f32), TensorSpec(p + "ffn_norm", (1, dim), f32)]
-    specs += [TensorSpec("final_norm", (1, dim), f32), TensorSpec("classifier", (config.vocab_size, dim), wt)]
-    for spec in specs:
-        _rows, cols = spec.shape
-        if cols % spec.float_type.block_values:
-            raise ConfigError(
-                f"tensor {spec.name} has rows of {cols} values, not a multiple of "
-                f"{spec.float_type.block_values}: {spec.float_type.label} cannot store it (use f32 or f16)"
-            )
-    return specs
 
 
 def encode_header(config: ModelConfig) -> bytes:

@@ -3,7 +3,7 @@
 `Tokenizer.load(path).encode(text)` gives the same ids as sentencepiece (Llama 2, tok512),
 tiktoken (Llama 3) and Hugging Face tokenizers (Qwen2/Qwen3) for files written by
 `convert-tokenizer`. The `.t` format has no room for the tokenizer family, so it is inferred
-from the vocabulary (see `dllama_py.tokenizer_kind` and docs/tokenizer.md):
+from the vocabulary (see `dllama_py.text.tokenizer_kind` and docs/tokenizer.md):
 
 1. special tokens in the text are matched as whole tokens (longest first) when
    `parse_special` is true: the default for byte-level BPE (HF added tokens, tiktoken
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import regex
 
-from dllama_py.bpe import bpe_merge
 from dllama_py.formats.tokenizer_file import TokenizerFile, read_tokenizer_file
-from dllama_py.tokenizer_kind import KIND_SENTENCEPIECE, TokenizerSpec, infer_spec, merge_ranks
+from dllama_py.text.bpe import bpe_merge
+from dllama_py.text.tokenizer_kind import KIND_SENTENCEPIECE, TokenizerSpec, infer_spec, merge_ranks
 
 _CACHE_LIMIT = 200_000
 _SPACE_PRETOKEN = regex.compile(r" *[^ ]+| +")

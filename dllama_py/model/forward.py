@@ -3,7 +3,7 @@
 Every node of a cluster, the root included, runs this same code (SPMD). Per layer:
 norm, q/k/v for the node's heads, (Qwen3 q/k norm), RoPE, KV cache, attention, the node's
 columns of wo -> partial -> SYNC; norm, feed-forward rows -> partial -> SYNC. Each SYNC adds
-the partials of all nodes to the replicated residual `x` (ARCHITECTURE.md, steps 1-6).
+the partials of all nodes to the replicated residual `x` (docs/architecture.md).
 
 Shapes: B = rows in the batch (prompt tokens evaluated together, 1 when decoding),
 D = dim, Q/K = the node's query/KV widths, F = the node's feed-forward rows.
@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, MutableMapping
+from collections.abc import Mapping
 from types import SimpleNamespace
 from typing import Protocol
 
 import numpy as np
 
-from dllama_py import kernels
-from dllama_py.config import ArchType, FloatType, HiddenAct, ModelConfig, RopeType
-from dllama_py.plan import Plan
+from dllama_py.model import kernels
+from dllama_py.model.config import ArchType, HiddenAct, RopeType
+from dllama_py.model.kernels import WeightLayout
+from dllama_py.model.plan import Plan
+from dllama_py.model.structure import Role, tensor_name
 
 
 class Sync(Protocol):
@@ -30,24 +32,6 @@ class Sync(Protocol):
     def reduce_add(self, partial: np.ndarray, x: np.ndarray, label: str) -> None:
         """x (B, D) += sum over nodes of partial (B, D); `label` names the step for errors."""
         ...
-
-
-class LocalSync:
-    """The sync of a one-node cluster: the partial goes through the buffer type like on a wire
-    (q80 rounding or none), so one node computes what N nodes compute."""
-
-    def __init__(self, buffer_type: str, max_batch: int, dim: int) -> None:
-        self.buffer_type = buffer_type
-        self.buffer = np.zeros((max_batch, dim // 32 * 34 if buffer_type == "q80" else dim),
-                               dtype=np.uint8 if buffer_type == "q80" else np.float32)
-
-    def reduce_add(self, partial: np.ndarray, x: np.ndarray, label: str) -> None:
-        if self.buffer_type == "q80":
-            q = self.buffer[: partial.shape[0]]
-            kernels.quantize_q80_into(partial, q)
-            kernels.add_q80(x, q)
-        else:
-            kernels.add(x, partial)
 
 
 class KVCache:
@@ -95,50 +79,24 @@ class KVCache:
             self.path = None
 
 
-def will_regroup(config: ModelConfig) -> bool:
-    """Whether NodeForward regroups this model's weights as Q40x16 (Q40 on a path with a fast
-    kernel for it), so a loader need not copy them first."""
-    return config.weight_float_type == FloatType.Q40 and kernels.q40x16_fast()
-
-
 class NodeForward:
     """The forward pass of node `node` of `plan` over the weights it holds.
 
-    `weights` maps tensor names (see formats.model_file.tensor_specs) to the node's slices as
-    stored (f32, fp16 bits, or Q40/Q80 blocks), cut by `plan.cut`. With `regroup`, Q40 weights
-    are regrouped 16 rows at a time when the SIMD path has a faster kernel for that; the
-    regrouped arrays replace the originals in `weights` itself (the node takes it over), and
-    `release(name)` is called once a tensor was copied out of a mapped file. Buffers are
-    allocated once for batches of up to `max_batch` rows.
+    `weights` maps tensor names (structure.tensor_name) to the node's slices, cut by `plan.cut`
+    and held in `layout` (chosen by the loader, engine/loader.py). Buffers are allocated once for
+    batches of up to `max_batch` rows.
     """
 
-    def __init__(self, plan: Plan, node: int, weights: MutableMapping[str, np.ndarray], sync: Sync,
-                 seq_len: int, max_batch: int = 32, kv_storage: str = "ram", regroup: bool = True,
-                 release: Callable[[str], None] | None = None) -> None:
+    def __init__(self, plan: Plan, node: int, weights: Mapping[str, np.ndarray], sync: Sync,
+                 seq_len: int, max_batch: int, kv_storage: str, layout: WeightLayout) -> None:
         c = self.config = plan.config
         s = self.slice = plan.nodes[node]
-        self.wtype = c.weight_float_type.label
-        if regroup and will_regroup(c):
-            # This SIMD path multiplies fastest with 16 weight rows per vector: regroup once at
-            # load, in place, one tensor at a time, so that each original is freed as soon as its
-            # copy exists (a worker's peak is its slice plus one tensor, not twice its slice).
-            for name in list(weights):  # names only: holding the arrays would keep every original alive
-                w = weights[name]
-                if w.dtype != np.uint8:
-                    continue
-                if w.flags.writeable and w.flags.c_contiguous and w.shape[0] % 16 == 0:
-                    weights[name] = kernels.repack_q40x16_inplace(w)  # own memory (received, column cuts)
-                else:
-                    weights[name] = kernels.repack_q40x16(w)  # views of the model file, odd row counts
-                if release is not None:
-                    release(name)  # whatever this tensor's pages of a mapped file: no longer needed
-                del w
-            self.wtype = "q40x16"
+        self.layout = layout
         self.w = weights
         self.sync = sync
         self.seq_len = seq_len
         self.max_batch = max_batch
-        self.quantized_input = c.weight_float_type in (FloatType.Q40, FloatType.Q80)
+        self.quantized_input = layout.quantized_input
         self.q_width = s.n_heads * c.head_dim
         self.kv_width = s.n_kv_heads * c.head_dim
         self.cache = KVCache(c.n_layers, seq_len, s.n_kv_heads, c.head_dim, kv_storage)
@@ -161,7 +119,7 @@ class NodeForward:
         self.ff_a, self.ff_b = buf(s.ff_width), buf(s.ff_width)
         self.logits = buf(s.vocab_width)
         widest = max(d, self.q_width, s.ff_width)
-        self.xq = np.zeros(max_batch * (widest // 32 * 34), dtype=np.uint8)  # q80 input of a matmul
+        self.xq = np.zeros(max_batch * kernels.q80_row_bytes(widest), dtype=np.uint8)  # q80 input of a matmul
         if c.arch == ArchType.QWEN3_MOE:
             self.router_logits = buf(c.n_experts)
             self.expert_out = buf(d)
@@ -169,19 +127,22 @@ class NodeForward:
         self.layers = [self._layer(i) for i in range(c.n_layers)]
 
     def _layer(self, i: int) -> SimpleNamespace:
-        c, w, p = self.config, self.w, f"layers.{i}."
+        c = self.config
+
+        def w(role: Role, expert: int | None = None) -> np.ndarray:
+            return self.w[tensor_name(role, i, expert)]
+
         layer = SimpleNamespace(
-            attention_norm=w[p + "attention_norm"].reshape(-1), ffn_norm=w[p + "ffn_norm"].reshape(-1),
-            qkv=[w[p + "wq"], w[p + "wk"], w[p + "wv"]], wo=w[p + "wo"],
+            attention_norm=w(Role.ATTENTION_NORM).reshape(-1), ffn_norm=w(Role.FFN_NORM).reshape(-1),
+            qkv=[w(Role.WQ), w(Role.WK), w(Role.WV)], wo=w(Role.WO),
             attention_label=f"layer {i} attention sync", ffn_label=f"layer {i} feed-forward sync")
         if c.has_qk_norm:
-            layer.q_norm, layer.k_norm = w[p + "q_norm"].reshape(-1), w[p + "k_norm"].reshape(-1)
+            layer.q_norm, layer.k_norm = w(Role.Q_NORM).reshape(-1), w(Role.K_NORM).reshape(-1)
         if c.is_moe:
-            layer.router = w[p + "router"]
-            layer.experts = [(w[f"{p}experts.{e}.w1"], w[f"{p}experts.{e}.w3"], w[f"{p}experts.{e}.w2"])
-                             for e in range(c.n_experts)]
+            layer.router = w(Role.ROUTER)
+            layer.experts = [(w(Role.W1, e), w(Role.W3, e), w(Role.W2, e)) for e in range(c.n_experts)]
         else:
-            layer.ffn = (w[p + "w1"], w[p + "w3"], w[p + "w2"])
+            layer.ffn = (w(Role.W1), w(Role.W3), w(Role.W2))
         return layer
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -190,7 +151,7 @@ class NodeForward:
         if not self.quantized_input:
             return x
         rows, width = x.shape
-        q = self.xq[: rows * (width // 32 * 34)].reshape(rows, width // 32 * 34)
+        q = self.xq[: rows * kernels.q80_row_bytes(width)].reshape(rows, kernels.q80_row_bytes(width))
         kernels.quantize_q80_into(x, q)
         return q
 
@@ -214,7 +175,7 @@ class NodeForward:
             # attention: (B, D) -> q (B, Q), k/v (B, K) -> att (B, Q) -> partial (B, D)
             kernels.rms_norm(x, layer.attention_norm, h, c.norm_epsilon)
             q, k, v = self.q[:B], self.k[:B], self.v[:B]
-            kernels.matmul_many(self._input(h), layer.qkv, self.wtype, [q, k, v])
+            kernels.matmul_many(self._input(h), layer.qkv, self.layout, [q, k, v])
             if c.has_qk_norm:
                 q_heads, k_heads = q.reshape(-1, c.head_dim), k.reshape(-1, c.head_dim)  # per-head norm
                 kernels.rms_norm(q_heads, layer.q_norm, q_heads, c.norm_epsilon)
@@ -226,7 +187,7 @@ class NodeForward:
             kernels.attention(q, self.cache.keys[index], self.cache.values[index], positions, att,
                               self.slice.n_heads, self.slice.n_kv_heads,
                               c.head_dim)
-            kernels.matmul(self._input(att), layer.wo, self.wtype, partial)
+            kernels.matmul(self._input(att), layer.wo, self.layout, partial)
             self.sync.reduce_add(partial, x, layer.attention_label)
 
             # feed-forward: (B, D) -> (B, F) -> partial (B, D)
@@ -241,9 +202,9 @@ class NodeForward:
             return self.logits[:0]
         rows = x if all_logits else x[B - 1:]
         out_h = self.h[: rows.shape[0]]
-        kernels.rms_norm(rows, self.w["final_norm"].reshape(-1), out_h, c.norm_epsilon)
+        kernels.rms_norm(rows, self.w[tensor_name(Role.FINAL_NORM)].reshape(-1), out_h, c.norm_epsilon)
         logits = self.logits[: rows.shape[0]]
-        kernels.matmul(self._input(out_h), self.w["classifier"], self.wtype, logits)
+        kernels.matmul(self._input(out_h), self.w[tensor_name(Role.CLASSIFIER)], self.layout, logits)
         return logits
 
     def _ffn(self, weights: tuple[np.ndarray, np.ndarray, np.ndarray], hq: np.ndarray, out: np.ndarray) -> None:
@@ -251,10 +212,10 @@ class NodeForward:
         w1, w3, w2 = weights
         n = out.shape[0]
         a, b = self.ff_a[:n], self.ff_b[:n]
-        kernels.matmul_many(hq, [w1, w3], self.wtype, [a, b])
+        kernels.matmul_many(hq, [w1, w3], self.layout, [a, b])
         self.activation(a)
         kernels.mul(a, b)
-        kernels.matmul(self._input(a), w2, self.wtype, out)
+        kernels.matmul(self._input(a), w2, self.layout, out)
 
     def _moe(self, layer: SimpleNamespace, h: np.ndarray, out: np.ndarray) -> None:
         """Mixture of experts: the router runs on every node; each routed expert's FFN runs on

@@ -1,4 +1,4 @@
-"""Prefill, decode, stop conditions, streaming and statistics, over any Engine.
+"""Prefill, decode, stop conditions, streaming and statistics, over the Engine.
 
 The generator remembers which tokens are in the KV cache (positions 0..n-1), so a prompt that
 continues the previous one (the next turn of a chat) evaluates only its new tokens.
@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dllama_py.engine import Engine, EngineError, StepStats
-from dllama_py.sampler import Sampler
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.engine.engine import Engine, EngineError, StepStats
+from dllama_py.engine.exchange import FULL, NO_LOGITS, Readout
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.stops import StopText
+from dllama_py.text.tokenizer import Tokenizer
 
 
 class ContextFullError(EngineError):
@@ -58,39 +60,6 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-class _StopText:
-    """Holds back text that may be the start of a stop string; finds complete ones."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """Add text; returns (text safe to emit, whether a stop string was hit)."""
-        self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
-        hits = [(self.pending.find(s), s) for s in self.stops if s in self.pending]
-        if hits:
-            at = min(i for i, _ in hits)
-            out, self.pending = self.pending[:at], ""
-            return out, True
-        keep = 0  # longest suffix of pending that is a prefix of some stop string
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), 0, -1):
-                if self.pending.endswith(s[:n]):
-                    keep = max(keep, n)
-                    break
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep:]
-        return out, False
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
-
-
 class Generator:
     """Drives an engine: evaluates prompts in batches and generates tokens one by one."""
 
@@ -108,9 +77,9 @@ class Generator:
         self.cached = []
 
     def evaluate(self, ids: Sequence[int], on_step: Callable[[StepStats], None] | None = None,
-                 need: str = "full") -> list[StepStats]:
+                 readout: Readout = FULL) -> list[StepStats]:
         """Bring the KV cache to `ids`, evaluating only what differs from what it holds (at least
-        the last token, whose logits the next token needs: `need` is 'argmax' or 'full').
+        the last token, whose logits the next token needs: `readout` says what of them to keep).
         Returns the steps run."""
         if not ids:
             raise EngineError("the prompt is empty")
@@ -124,34 +93,13 @@ class Generator:
         while pos < len(ids):
             chunk = list(ids[pos:pos + self.nbatches])
             last = pos + len(chunk) >= len(ids)
-            stats = self.engine.step(chunk, pos, need=need if last else "none")
+            stats = self.engine.step(chunk, pos, readout if last else NO_LOGITS)
             self.cached.extend(chunk)
             pos += len(chunk)
             steps.append(stats)
             if on_step:
                 on_step(stats)
         return steps
-
-    def sampling_need(self, sampler: Sampler) -> str:
-        """What the engine must keep of the logits for this sampler (see Engine.step)."""
-        if hasattr(self.engine, "configure_sampling"):  # a cluster reduces logits at the nodes
-            self.engine.configure_sampling(sampler.temperature or 1.0, self.sample_vocab)
-        if sampler.greedy:
-            return "argmax"
-        if sampler.nucleus and hasattr(self.engine, "sample"):
-            return "sample"
-        return "full"
-
-    def next_token(self, sampler: Sampler, need: str = "full") -> int:
-        """Sample the token that follows the last evaluated one."""
-        if sampler.greedy:
-            token = self.engine.argmax()
-            if token < self.sample_vocab:
-                return token
-        if need == "sample":
-            return self.engine.sample(sampler)
-        logits = self.engine.logits()
-        return sampler.sample(logits[: self.sample_vocab])
 
     def generate(
         self,
@@ -172,18 +120,18 @@ class Generator:
         """
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         result = GenerationResult(list(prompt_ids))
-        need = self.sampling_need(sampler)
-        result.prompt_steps = self.evaluate(prompt_ids, on_prompt_step, need)
+        readout = self.engine.readout_for(sampler, self.sample_vocab)
+        result.prompt_steps = self.evaluate(prompt_ids, on_prompt_step, readout)
         result.prompt_tokens_evaluated = sum(s.tokens for s in result.prompt_steps)
         decoder = self.tokenizer.stream_decoder()
-        stop_text = _StopText(stop_strings)
+        stop_text = StopText(stop_strings)
         pieces: list[str] = []
         hit = False
         for i in range(max_tokens):
             if should_stop and should_stop():
                 result.finish_reason = "stop"
                 break
-            token = self.next_token(sampler, need)
+            token = self.engine.next_token(sampler)
             if token in stops:
                 result.finish_reason = "stop"
                 break
@@ -192,7 +140,7 @@ class Generator:
             stats = None
             last = i == max_tokens - 1
             if not hit and not last and len(self.cached) < self.engine.seq_len:
-                stats = self.engine.step([token], len(self.cached), need=need)
+                stats = self.engine.step([token], len(self.cached), readout)
                 self.cached.append(token)
                 result.token_steps.append(stats)
             pieces.append(text)
@@ -207,7 +155,10 @@ class Generator:
         else:
             result.finish_reason = "length"
         if not hit:  # text held back for a stop string that never completed, and partial characters
-            tail = stop_text.push(decoder.flush())[0] + stop_text.flush()
+            tail, hit = stop_text.push(decoder.flush())
+            tail += stop_text.flush()
+            if hit:
+                result.finish_reason = "stop"
             if tail:
                 pieces.append(tail)
                 if on_token:

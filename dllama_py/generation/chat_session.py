@@ -10,11 +10,11 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from dllama_py.chat import end_of_turn_tokens, render_chat, resolve_template
-from dllama_py.engine import Engine
-from dllama_py.generate import GenerationResult, Generator, TokenEvent
-from dllama_py.sampler import Sampler
-from dllama_py.tokenizer import Tokenizer
+from dllama_py.engine.engine import Engine
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.generator import GenerationResult, Generator, TokenEvent
+from dllama_py.text.chat import end_of_turn_tokens, render_chat, resolve_template
+from dllama_py.text.tokenizer import Tokenizer
 
 
 class ChatFormat:

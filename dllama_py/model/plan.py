@@ -1,29 +1,25 @@
 """The slicing plan: which part of every tensor each node of a cluster holds.
 
 Pure Python, no I/O. The root uses it to cut slices, the workers to allocate buffers, the
-tests to check coverage; nothing else computes slice boundaries (ARCHITECTURE.md).
+tests to check coverage; nothing else computes slice boundaries (docs/architecture.md).
 
-Megatron-style tensor parallelism over N nodes:
-- attention: whole KV heads per node (with the query heads that share them): rows of wq, wk,
-  wv; the matching columns of wo;
-- feed-forward (every expert alike): rows of w1/w3 and columns of w2 over the hidden
-  dimension, in whole quantization blocks;
-- classifier: rows (vocabulary) split over nodes;
-- embedding: root only; norms, q/k norms and the MoE router: every node holds them whole.
+How each tensor is split (by rows or columns, along which axis, whole or root only) is declared
+once, in structure.py; a plan says where every node's range along each axis lies (NodeSlice)
+and cuts tensors by that declaration. Feed-forward ranges are whole quantization blocks.
 Slices may be unequal: any N from 1 to n_kv_heads works when the block sizes allow it.
 """
 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from functools import cached_property
 
 import numpy as np
 
-from dllama_py.config import FloatType, ModelConfig
+from dllama_py.model.config import FloatType, ModelConfig
+from dllama_py.model.structure import Axis, Split, TensorSpec, tensor_specs
 
 BLOCK = 32
 
@@ -107,6 +103,16 @@ class NodeSlice:
         """Rows of wk and wv this node holds."""
         return self.kv_start * self.head_dim, self.kv_stop * self.head_dim
 
+    def range(self, axis: Axis) -> tuple[int, int]:
+        """This node's [start, stop) along `axis`, in values (rows of the tensors split along it)."""
+        if axis == Axis.Q:
+            return self.q_rows
+        if axis == Axis.KV:
+            return self.kv_rows
+        if axis == Axis.FF:
+            return self.ff_start, self.ff_stop
+        return self.vocab_start, self.vocab_stop
+
     @property
     def ff_width(self) -> int:
         return self.ff_stop - self.ff_start
@@ -118,14 +124,11 @@ class NodeSlice:
 
 @dataclass(frozen=True)
 class Cut:
-    """How a node gets a tensor: `rows`/`cols` [start, stop) in values, `full`, or `root` (root only)."""
+    """How a node gets a tensor: ROWS or COLS [start, stop) in values, FULL, or ROOT (root only)."""
 
-    kind: Literal["rows", "cols", "full", "root"]
+    kind: Split
     start: int = 0
     stop: int = 0
-
-
-_LAYER_TENSOR = re.compile(r"layers\.\d+\.(?:experts\.\d+\.)?(\w+)$")
 
 
 @dataclass(frozen=True)
@@ -171,52 +174,39 @@ class Plan:
         )
         return Plan(config, nodes)
 
+    @cached_property
+    def specs(self) -> dict[str, TensorSpec]:
+        """Every tensor of the model by name (structure.tensor_specs), in file order."""
+        return {spec.name: spec for spec in tensor_specs(self.config)}
+
     def cut(self, name: str, node: int) -> Cut:
-        """How node `node` holds tensor `name` (names as in formats.model_file.tensor_specs)."""
-        s = self.nodes[node]
-        if name == "embedding":
-            return Cut("root")
-        if name == "classifier":
-            return Cut("rows", s.vocab_start, s.vocab_stop)
-        if name == "final_norm":
-            return Cut("full")
-        match = _LAYER_TENSOR.search(name)
-        if not match:
+        """How node `node` holds tensor `name`, by the split its role declares (structure.py)."""
+        spec = self.specs.get(name)
+        if spec is None or spec.role is None:
             raise KeyError(f"the plan does not know tensor {name!r}")
-        kind = match.group(1)
-        if kind == "wq":
-            return Cut("rows", *s.q_rows)
-        if kind in ("wk", "wv"):
-            return Cut("rows", *s.kv_rows)
-        if kind == "wo":
-            return Cut("cols", *s.q_rows)
-        if kind in ("w1", "w3"):
-            return Cut("rows", s.ff_start, s.ff_stop)
-        if kind == "w2":
-            return Cut("cols", s.ff_start, s.ff_stop)
-        if kind in ("router", "q_norm", "k_norm", "attention_norm", "ffn_norm"):
-            return Cut("full")
-        raise KeyError(f"the plan does not know tensor {name!r}")
+        split, axis = spec.role.split, spec.role.axis
+        if axis is None:
+            return Cut(split)
+        start, stop = self.nodes[node].range(axis)
+        return Cut(split, start, stop)
 
     def holds(self, name: str, node: int) -> bool:
         """Whether node `node` holds any of tensor `name`."""
-        return self.cut(name, node).kind != "root" or node == 0
+        return self.cut(name, node).kind is not Split.ROOT or node == 0
 
     def slice_shape(self, name: str, shape: tuple[int, int], node: int) -> tuple[int, int]:
         """The (rows, cols) in values of node `node`'s part of a tensor of `shape`."""
         cut = self.cut(name, node)
-        if cut.kind == "rows":
+        if cut.kind is Split.ROWS:
             return cut.stop - cut.start, shape[1]
-        if cut.kind == "cols":
+        if cut.kind is Split.COLS:
             return shape[0], cut.stop - cut.start
         return shape
 
     def node_weight_bytes(self, node: int) -> int:
         """Bytes of weights node `node` holds (the embedding counts for the root only)."""
-        from dllama_py.formats.model_file import tensor_specs
-
         total = 0
-        for spec in tensor_specs(self.config):
+        for spec in self.specs.values():
             if not self.holds(spec.name, node):
                 continue
             rows, cols = self.slice_shape(spec.name, spec.shape, node)
@@ -225,9 +215,7 @@ class Plan:
 
     def embedding_bytes(self) -> int:
         """Bytes of the embedding table (held by the root, memory-mapped)."""
-        from dllama_py.formats.model_file import tensor_specs
-
-        return next(spec.nbytes for spec in tensor_specs(self.config) if spec.name == "embedding")
+        return self.specs["embedding"].nbytes
 
     def node_kv_cache_bytes(self, node: int, seq_len: int) -> int:
         """Bytes of node `node`'s KV cache (f32 keys and values) for `seq_len` positions."""
@@ -259,6 +247,49 @@ class Plan:
         return "\n".join(lines)
 
 
+AUTO_SHARE_STEPS = 20  # --shares auto rounds every node's share to 1/20 of the whole
+
+
+MEMORY_HEADROOM = 0.9  # --shares auto plans at most this part of a node's available RAM
+
+
+def auto_shares(speeds: list[float], memories: list[int | None] | None = None, need: int = 0,
+                names: list[str] | None = None) -> list[float]:
+    """Shares in proportion to the nodes' speeds, rounded to 5% steps (at least one step each):
+    measurements move a little from run to run, and a plan that stays the same keeps using the
+    workers' slice caches. With `memories` (bytes each node has available, None if unknown) and
+    `need` (bytes the whole model needs: weights and KV cache), no node gets more of the model
+    than 90% of its RAM holds; the rest goes to the others, again by speed. Raises PlanError
+    when all of them together cannot hold it."""
+    n = len(speeds)
+    speeds = [x if math.isfinite(x) and x > 0 else 1.0 for x in speeds]  # a failed probe counts as slow
+    if min(speeds) < max(speeds) * 1e-3:  # no node below 0.1% of the fastest
+        speeds = [max(x, max(speeds) * 1e-3) for x in speeds]
+    caps = [float("inf")] * n
+    if memories and need > 0:
+        caps = [MEMORY_HEADROOM * m / need if m else float("inf") for m in memories]
+        if sum(min(cap, 1.0) for cap in caps) < 1.0:
+            have = " ".join(f"{(names or [str(i) for i in range(n)])[i]} {m / 2**30:.1f} GiB"
+                            for i, m in enumerate(memories) if m)
+            raise PlanError(f"the model needs {need / 2**30:.1f} GiB (weights and KV cache) and the nodes have "
+                            f"less than that available together ({have}; {MEMORY_HEADROOM:.0%} of it is planned): "
+                            "add a node or use a shorter --max-seq-len")
+    fixed: dict[int, float] = {}  # nodes held to what their RAM allows
+    while True:
+        rest = [i for i in range(n) if i not in fixed]
+        left = 1.0 - sum(fixed.values())
+        speed = sum(speeds[i] for i in rest)
+        part = {i: left * speeds[i] / speed for i in rest}
+        over = [i for i in rest if part[i] > caps[i]]
+        if not over:
+            break
+        fixed.update({i: caps[i] for i in over})
+    part.update(fixed)
+    # Capped nodes round down, so that rounding never hands a node more than its RAM holds.
+    return [float(max(1, int(AUTO_SHARE_STEPS * part[i]) if i in fixed else round(AUTO_SHARE_STEPS * part[i])))
+            for i in range(n)]
+
+
 def _problem(config: ModelConfig, n_nodes: int, shares: Sequence[float] | None = None) -> str | None:
     """Why `n_nodes` (with `shares`) cannot run `config`, or None when it can."""
     if n_nodes < 1:
@@ -284,9 +315,9 @@ def _problem(config: ModelConfig, n_nodes: int, shares: Sequence[float] | None =
 def cut_tensor(stored: np.ndarray, float_type: FloatType, cut: Cut) -> np.ndarray:
     """Apply `cut` to a stored tensor (rows, row_elements): rows give a view (no copy), columns
     a contiguous copy of whole blocks; `full` and `root` return the tensor itself."""
-    if cut.kind == "rows":
+    if cut.kind is Split.ROWS:
         return stored[cut.start:cut.stop]
-    if cut.kind == "cols":
+    if cut.kind is Split.COLS:
         per = float_type.block_values
         unit = float_type.block_bytes // float_type.storage_dtype.itemsize
         return np.ascontiguousarray(stored[:, cut.start // per * unit:cut.stop // per * unit])

@@ -13,13 +13,15 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from dllama_py.config import ArchType, FloatType, ModelConfig
-from dllama_py.formats.model_file import tensor_specs, write_model
+from dllama_py.formats.model_file import write_model
 from dllama_py.formats.tokenizer_file import TokenizerFile, write_tokenizer_file
+from dllama_py.model.config import ArchType, FloatType, ModelConfig
+from dllama_py.model.structure import tensor_specs
 
 WORDS = (
     "the a and to of in was is it he she they you I that with for on his her had but at one day "
@@ -72,7 +74,7 @@ def start_worker(threads: int) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     worker = subprocess.Popen(
-        [sys.executable, "-m", "dllama_py.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
+        [sys.executable, "-m", "dllama_py.commands.cli", "worker", "--host", "127.0.0.1", "--port", str(port),
          "--nthreads", str(threads), "--once"], stderr=subprocess.PIPE, text=True)
     assert worker.stderr is not None
     for line in worker.stderr:  # wait for its "listening" line, then pass its log through
@@ -88,10 +90,9 @@ def _copy_lines(stream) -> None:
         sys.stderr.write(line)
 
 
-def run_demo(nodes: int = 2, steps: int = 32, threads: int = 1) -> int:
-    """Make the model, start nodes-1 workers, run inference across all nodes, clean up."""
-    from dllama_py.cli import main as dllama_main
-
+def run_demo(run_inference: Callable[[list[str]], int], nodes: int = 2, steps: int = 32, threads: int = 1) -> int:
+    """Make the model, start nodes-1 workers, run `dllama inference` (given as the function that
+    runs a command line) across all nodes, clean up."""
     if not 1 <= nodes <= demo_config().n_kv_heads:
         print(f"error: --nodes must be between 1 and {demo_config().n_kv_heads}", file=sys.stderr)
         return 1
@@ -114,7 +115,7 @@ def run_demo(nodes: int = 2, steps: int = 32, threads: int = 1) -> int:
                     "--buffer-float-type", "q80", "--temperature", "0.7", "--seed", "42", "--ignore-eos"]
             if addresses:
                 argv += ["--workers", *addresses]
-            return dllama_main(argv)
+            return run_inference(argv)
         finally:
             for worker in workers:
                 try:

@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-from dllama_py import _core, kernels
+from dllama_py import _core
+from dllama_py.model import kernels
 
 SPIN_ENV = "DLLAMA_NET_SPIN_US"
 
@@ -45,7 +46,7 @@ class MeshSync:
     def __init__(self, mesh: _core.Mesh, node: int, n_nodes: int, buffer_type: str, max_batch: int, dim: int) -> None:
         self.mesh, self.node, self.n_nodes = mesh, node, n_nodes
         self.q80 = buffer_type == "q80"
-        self.row_bytes = dim // 32 * 34 if self.q80 else dim * 4
+        self.row_bytes = kernels.q80_row_bytes(dim) if self.q80 else dim * 4
         self.flat = np.zeros(n_nodes * max_batch * self.row_bytes, dtype=np.uint8)
         self.seconds = 0.0  # time spent waiting on the network
 

@@ -29,8 +29,10 @@ class Sampler:
     """Picks the next token from a logits vector (float32, any length)."""
 
     def __init__(self, temperature: float = 0.0, topp: float = 0.9, seed: int | None = None) -> None:
-        if temperature < 0:
-            raise ValueError(f"temperature must not be negative, got {temperature}")
+        if not temperature >= 0 or temperature == float("inf"):  # NaN fails the first test
+            raise ValueError(f"temperature must be a finite number, not negative, got {temperature}")
+        if topp != topp:
+            raise ValueError("top-p must be a number, got NaN")
         self.temperature = float(temperature)
         self.topp = float(topp)
         self.state = (int(time.time_ns()) if seed is None else int(seed)) & MASK64
@@ -76,14 +78,20 @@ class Sampler:
         assert choice is not None
         return choice
 
+    def cutoff(self, vocab_size: int) -> float:
+        """llama2.c's pre-cut of nucleus candidates: tokens less likely than (1 - p) / (n - 1)
+        for a vocabulary of n tokens can never be in the nucleus."""
+        return (1.0 - self.topp) / (vocab_size - 1) if vocab_size > 1 else 0.0
+
     def choose(self, ids: np.ndarray, probs: np.ndarray, coin: float, vocab_size: int, complete: bool,
                unsent_bound: float = 0.0) -> int | None:
         """Nucleus sampling with `coin` among candidate tokens `ids` whose probabilities under the
         full distribution are `probs`. `complete` says the candidates hold every token at or above
         llama2.c's cutoff (1 - p) / (n - 1); otherwise no token outside them is more likely than
         `unsent_bound`. Returns None when the exact choice could involve a token outside them."""
-        cutoff = (1.0 - self.topp) / (vocab_size - 1) if vocab_size > 1 else 0.0
-        keep = probs >= cutoff
+        keep = probs >= self.cutoff(vocab_size)
+        if not keep.any():  # a flat distribution with topp < 1/n: the cut left nothing; the top token is the nucleus
+            keep = probs == probs.max()
         ids, probs = ids[keep], probs[keep]
         order = np.lexsort((ids, -probs))  # by probability, then id
         ids, probs = ids[order], probs[order]

@@ -7,10 +7,12 @@ values, Q80 34 bytes per 32 values (distributed-llama's layout).
 
 from __future__ import annotations
 
+from enum import Enum
+
 import numpy as np
 import numpy.typing as npt
 
-from . import _core
+from dllama_py import _core
 
 Q40_BLOCK_BYTES: int = _core.Q40_BLOCK_BYTES
 Q80_BLOCK_BYTES: int = _core.Q80_BLOCK_BYTES
@@ -59,18 +61,49 @@ q40x16_fast = _core.q40x16_fast
 WEIGHT_TYPES = ("f32", "f16", "q40", "q80")
 
 
+class WeightLayout(Enum):
+    """How a node holds a weight matrix in memory: a file's float types, or Q40 regrouped 16 rows
+    at a time (`repack_q40x16`) for the SIMD paths with a kernel for it. The loader chooses it
+    (engine/loader.py); the forward pass hands it to `matmul` as it is."""
+
+    F32 = "f32"
+    F16 = "f16"
+    Q40 = "q40"
+    Q80 = "q80"
+    Q40X16 = "q40x16"
+
+    @property
+    def quantized_input(self) -> bool:
+        """Whether a matmul over these weights takes Q80 blocks of x (else float32 x)."""
+        return self not in (WeightLayout.F32, WeightLayout.F16)
+
+
+def weight_layout(layout: WeightLayout | str) -> WeightLayout:
+    """`layout` as a WeightLayout; a name that is none raises ValueError with the known ones."""
+    if isinstance(layout, WeightLayout):
+        return layout
+    try:
+        return WeightLayout(layout)
+    except ValueError:
+        raise ValueError(f"unknown weight type {layout!r}; expected one of {WEIGHT_TYPES}") from None
+
+
+def q80_row_bytes(cols: int) -> int:
+    """Bytes of one row of `cols` values in Q80 blocks (the activations' quantized form)."""
+    return cols // BLOCK_SIZE * Q80_BLOCK_BYTES
+
+
 def row_bytes(weight_type: str, cols: int) -> int:
     """Bytes of one row of `cols` values stored as `weight_type` (f32, f16, q40 or q80)."""
     if weight_type == "f32":
         return 4 * cols
     if weight_type == "f16":
         return 2 * cols
-    if cols % BLOCK_SIZE:
-        raise ValueError(f"{weight_type} rows need a multiple of {BLOCK_SIZE} values, got {cols}")
-    per_block = Q40_BLOCK_BYTES if weight_type == "q40" else Q80_BLOCK_BYTES
     if weight_type not in ("q40", "q80"):
         raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
-    return cols // BLOCK_SIZE * per_block
+    if cols % BLOCK_SIZE:
+        raise ValueError(f"{weight_type} rows need a multiple of {BLOCK_SIZE} values, got {cols}")
+    return cols // BLOCK_SIZE * (Q40_BLOCK_BYTES if weight_type == "q40" else Q80_BLOCK_BYTES)
 
 
 def encode_weights(w: npt.NDArray[np.float32], weight_type: str) -> np.ndarray:
@@ -103,39 +136,36 @@ def decode_weights(w: np.ndarray, weight_type: str) -> npt.NDArray[np.float32]:
 
 def input_type_for(weight_type: str) -> str:
     """The input type a matmul with these weights takes: q80 for block weights, f32 otherwise."""
-    return "q80" if weight_type in ("q40", "q80") else "f32"
+    return "q80" if weight_layout(weight_type).quantized_input else "f32"
 
 
-def matmul_many(x: np.ndarray, ws: list[np.ndarray], weight_type: str, ys: list[npt.NDArray[np.float32]]) -> None:
-    """ys[i] = x @ ws[i]^T for several matrices of one weight type sharing the input x (q/k/v,
-    w1/w3): block weights prepare x once and run in one pass over the thread pool."""
-    if weight_type in ("q40", "q80"):
-        _core.matmul_q80_many(x, ws, ys, weight_type == "q80")
-    elif weight_type == "q40x16":
-        for w, y in zip(ws, ys):
-            matmul_q80_q40x16_f32(x, w, y)
+_MATMUL = {
+    WeightLayout.F32: matmul_f32_f32_f32,
+    WeightLayout.F16: matmul_f32_f16_f32,
+    WeightLayout.Q40: matmul_q80_q40_f32,
+    WeightLayout.Q80: matmul_q80_q80_f32,
+    WeightLayout.Q40X16: matmul_q80_q40x16_f32,
+}
+
+
+def matmul_many(x: np.ndarray, ws: list[np.ndarray], layout: WeightLayout | str,
+                ys: list[npt.NDArray[np.float32]]) -> None:
+    """ys[i] = x @ ws[i]^T for several matrices of one layout sharing the input x (q/k/v,
+    w1/w3): Q40 and Q80 blocks prepare x once and run in one pass over the thread pool."""
+    layout = weight_layout(layout)
+    if layout in (WeightLayout.Q40, WeightLayout.Q80):
+        _core.matmul_q80_many(x, ws, ys, layout == WeightLayout.Q80)
     else:
         for w, y in zip(ws, ys):
-            matmul(x, w, weight_type, y)
+            _MATMUL[layout](x, w, y)
 
 
-def matmul(x: np.ndarray, w: np.ndarray, weight_type: str, y: npt.NDArray[np.float32]) -> None:
-    """y (B, rows) = x (B, cols) @ W^T for stored weights w of `weight_type`.
+def matmul(x: np.ndarray, w: np.ndarray, layout: WeightLayout | str, y: npt.NDArray[np.float32]) -> None:
+    """y (B, rows) = x (B, cols) @ W^T for weights w held in `layout`.
 
-    x is float32 (B, cols) for f32/f16 weights and Q80 blocks uint8 (B, cols/32*34) for q40/q80.
+    x is float32 (B, cols) for f32/f16 weights and Q80 blocks uint8 (B, cols/32*34) otherwise.
     """
-    if weight_type == "f32":
-        matmul_f32_f32_f32(x, w, y)
-    elif weight_type == "f16":
-        matmul_f32_f16_f32(x, w, y)
-    elif weight_type == "q40":
-        matmul_q80_q40_f32(x, w, y)
-    elif weight_type == "q80":
-        matmul_q80_q80_f32(x, w, y)
-    elif weight_type == "q40x16":  # Q40 regrouped 16 rows at a time (repack_q40x16)
-        matmul_q80_q40x16_f32(x, w, y)
-    else:
-        raise ValueError(f"unknown weight type {weight_type!r}; expected one of {WEIGHT_TYPES}")
+    _MATMUL[weight_layout(layout)](x, w, y)
 
 
 def measure_matmul_speed(rows: int = 16384, cols: int = 8192, runs: int = 7) -> float:
@@ -150,16 +180,16 @@ def measure_matmul_speed(rows: int = 16384, cols: int = 8192, runs: int = 7) -> 
     w = np.resize(np.arange(251, dtype=np.uint8), rows * blocks * 18).reshape(rows, blocks, 18)
     w[:, :, 0], w[:, :, 1] = 0x00, 0x2C  # every block scale the f16 0.0625 (no inf/NaN/denormal)
     w = w.reshape(rows, blocks * 18)
-    weight_type = "q40"
+    layout = WeightLayout.Q40
     if q40x16_fast():
-        w, weight_type = repack_q40x16_inplace(w), "q40x16"
+        w, layout = repack_q40x16_inplace(w), WeightLayout.Q40X16
     x = np.zeros((1, blocks * 34), dtype=np.uint8)
     quantize_q80_into(np.linspace(-1, 1, cols, dtype=np.float32).reshape(1, cols), x)
     y = np.zeros((1, rows), dtype=np.float32)
-    matmul(x, w, weight_type, y)
+    matmul(x, w, layout, y)
     seconds = []
     for _ in range(runs):
         start = time.perf_counter()
-        matmul(x, w, weight_type, y)
+        matmul(x, w, layout, y)
         seconds.append(time.perf_counter() - start)
     return w.nbytes / sorted(seconds)[runs // 2] / 1e9

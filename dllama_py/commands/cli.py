@@ -6,22 +6,26 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable
-from pathlib import Path
 
 from dllama_py import __version__
+from dllama_py.commands.options import (
+    UserError,
+    add_engine_arguments,
+    add_sampling_arguments,
+    check_threads,
+    check_vocab,
+    load_tokenizer,
+    log_stderr,
+    make_engine,
+)
 
 STATS_PROMPT = "🔷️ Eval{compute:5.0f} ms Sync{sync:5.0f} ms | Sent{sent:6d} kB Recv{recv:6d} kB | ({tokens} tokens)"
 STATS_TOKEN = "🔶 Pred{compute:5.0f} ms Sync{sync:5.0f} ms | Sent{sent:6d} kB Recv{recv:6d} kB | {piece}"
 
 
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit status 1."""
-
-
 def version_text() -> str:
     """Package version, SIMD paths compiled in, the path this CPU uses and the default threads."""
-    from dllama_py import kernels
+    from dllama_py.model import kernels
 
     return (
         f"dllama-py {__version__}\n"
@@ -30,54 +34,6 @@ def version_text() -> str:
         f"SIMD path in use: {kernels.get_isa()} (force one with DLLAMA_ISA)\n"
         f"default threads: {kernels.hardware_threads()}"
     )
-
-
-# ---- arguments ------------------------------------------------------------------------------
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Flags shared by every command that loads a model (inference, chat, dllama-api)."""
-    p.add_argument("--model", required=True, metavar="M", help="model file (.m, distributed-llama format)")
-    p.add_argument("--tokenizer", required=True, metavar="T", help="tokenizer file (.t)")
-    p.add_argument("--nthreads", type=int, default=None, metavar="K",
-                   help="compute threads on this node (default: all cores)")
-    p.add_argument("--buffer-float-type", choices=("f32", "q80"), default=None,
-                   help="type of the activations exchanged between nodes (default on a cluster: q80 for "
-                        "q40/q80 weights, f32 otherwise; one node sums in f32 unless q80 is asked for)")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
-                   help="context length (KV cache size); default: the model's, capped to fit in memory")
-    p.add_argument("--kv-cache-storage", choices=("ram", "disk"), default="ram",
-                   help="keep the KV cache in RAM or in a memory-mapped temporary file (default ram)")
-    p.add_argument("--nbatches", type=int, default=32, metavar="N",
-                   help="prompt tokens evaluated together in one batch (default 32)")
-    p.add_argument("--mmap-weights", action="store_true",
-                   help="keep this node's weights memory-mapped from the model file, in the file's layout, "
-                        "instead of loading (and, for q40, regrouping) them into RAM: less memory, slower")
-    p.add_argument("--workers", nargs="+", default=[], metavar="HOST:PORT",
-                   help="worker nodes to run the model on together with this one (tensor parallel); "
-                        "$DLLAMA_NET_SPIN_US sets how long a sync busy-waits before sleeping (default 200 "
-                        "microseconds; 0 when this computer's cores are busy with other work)")
-    p.add_argument("--secret", default=None,
-                   help="shared secret the workers must know (default: $DLLAMA_SECRET); authenticates, "
-                        "does not encrypt")
-    p.add_argument("--net-timeout", type=float, default=None, metavar="S",
-                   help="with --workers: seconds any node waits for a silent peer before the cluster stops "
-                        "with an error naming it (default 8); raise it for nodes so slow that one layer of a "
-                        "prompt batch takes longer")
-    p.add_argument("--shares", nargs="+", default=None, metavar="S",
-                   help="with --workers: each node's relative share of every layer, root first (default: "
-                        "equal), e.g. --shares 2 1 1 gives the root half of the heads, feed-forward rows "
-                        "and vocabulary; give a faster computer a bigger share. 'auto' sets them from "
-                        "every node's measured matmul speed (each worker logs its own at startup), "
-                        "giving no node more than 90%% of its available RAM holds")
-
-
-def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, default=0.8, metavar="X",
-                   help="sampling temperature; 0 is greedy (default 0.8)")
-    p.add_argument("--topp", type=float, default=0.9, metavar="X",
-                   help="top-p (nucleus) sampling mass; outside (0, 1) samples from all tokens (default 0.9)")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help="random seed for reproducible sampling (default: from the clock)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     inf.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-sequence tokens")
     inf.add_argument("--json", action="store_true",
                      help="print JSON lines instead of text: prompt ids, one object per token, statistics")
+    inf.add_argument("--verbose", action="store_true",
+                     help="also print one line per prompt batch and per generated token (time, sync, traffic) "
+                          "to stderr; without it only the summary follows the text")
 
     chat = sub.add_parser("chat", help="interactive multi-turn chat in the terminal",
                           description="Chat with the model; an empty line or end of input quits.")
@@ -139,71 +98,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# ---- shared pieces --------------------------------------------------------------------------
-
-def check_threads(threads: int | None) -> None:
-    from dllama_py import kernels
-
-    if threads is None:
-        return
-    if threads < 1:
-        raise UserError(f"--nthreads must be at least 1, got {threads}")
-    if threads > kernels.hardware_threads():
-        print(f"warning: --nthreads {threads} is more than the {kernels.hardware_threads()} cores of this "
-              "computer; it will be slower, not faster", file=sys.stderr)
-
-
-def load_tokenizer(path: str):  # -> Tokenizer
-    from dllama_py.tokenizer import Tokenizer
-
-    if not Path(path).is_file():
-        raise UserError(f"tokenizer file not found: {path}")
-    return Tokenizer.load(path)
-
-
-def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Engine
-    """A LocalEngine, or a cluster engine when --workers are given."""
-    check_threads(args.nthreads)
-    if args.shares is not None and not args.workers:
-        raise UserError("--shares splits the model between the nodes of a cluster: give --workers too")
-    if args.net_timeout is not None and not 0.1 <= args.net_timeout <= 3600:
-        raise UserError(f"--net-timeout must be between 0.1 and 3600 seconds, got {args.net_timeout:g}")
-    extra = {} if args.net_timeout is None else {"timeout_ms": int(args.net_timeout * 1000)}
-    shares = args.shares
-    if shares is not None and shares != ["auto"]:
-        try:
-            shares = [float(x) for x in shares]
-        except ValueError:
-            raise UserError(f"--shares takes one number per node (root first) or 'auto', got {' '.join(shares)}") \
-                from None
-    elif shares == ["auto"]:
-        shares = "auto"
-    if args.workers:
-        from dllama_py.cluster.root import ClusterEngine
-
-        secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
-        return ClusterEngine(args.model, args.workers, threads=args.nthreads, buffer_type=args.buffer_float_type,
-                             max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage,
-                             max_batch=args.nbatches, secret=secret, log=log, mmap_weights=args.mmap_weights,
-                             shares=shares, **extra)
-    from dllama_py.engine import LocalEngine
-
-    return LocalEngine(args.model, threads=args.nthreads, buffer_type=args.buffer_float_type,
-                       max_seq_len=args.max_seq_len, kv_storage=args.kv_cache_storage, max_batch=args.nbatches,
-                       mmap_weights=args.mmap_weights)
-
-
-def check_vocab(engine, tokenizer) -> None:
-    if tokenizer.vocab_size > engine.config.vocab_size:
-        raise UserError(f"the tokenizer has {tokenizer.vocab_size} tokens but the model only "
-                        f"{engine.config.vocab_size}: "
-                        "they do not belong together")
-
-
-def log_stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def format_step(stats, template: str, piece: str = "") -> str:
     return template.format(compute=stats.compute_ms, sync=stats.sync_ms, sent=stats.bytes_sent // 1024,
                            recv=stats.bytes_received // 1024, tokens=stats.tokens, piece=piece)
@@ -212,8 +106,8 @@ def format_step(stats, template: str, piece: str = "") -> str:
 # ---- modes ----------------------------------------------------------------------------------
 
 def cmd_inference(args: argparse.Namespace) -> int:
-    from dllama_py.generate import Generator
-    from dllama_py.sampler import Sampler
+    from dllama_py.engine.sampler import Sampler
+    from dllama_py.generation.generator import Generator
 
     if args.steps < 0:
         raise UserError(f"--steps must not be negative, got {args.steps}")
@@ -233,8 +127,6 @@ def cmd_inference(args: argparse.Namespace) -> int:
         bad = [t for t in prompt_ids if not 0 <= t < min(engine.config.vocab_size, tokenizer.vocab_size)]
         if bad:
             raise UserError(f"--prompt-ids has ids outside the vocabulary: {bad[:5]}")
-        if engine.info.nodes == 1:  # a cluster printed its plan before loading
-            log_stderr(engine.info.plan_text)
         for note in engine.info.notes:
             log_stderr(f"note: {note}")
         log_stderr(f"weights {engine.info.weight_type}, buffer {engine.info.buffer_type}, "
@@ -252,10 +144,11 @@ def cmd_inference(args: argparse.Namespace) -> int:
         out.flush()
 
         def on_prompt_step(stats) -> None:
-            log_stderr(format_step(stats, STATS_PROMPT))
+            if args.verbose:
+                log_stderr(format_step(stats, STATS_PROMPT))
 
         def on_token(event) -> None:
-            if event.stats is not None:
+            if args.verbose and event.stats is not None:
                 log_stderr(format_step(event.stats, STATS_TOKEN, event.text.replace("\n", "\\n")))
             if args.json:
                 if event.id >= 0:
@@ -316,18 +209,16 @@ def cmd_inference(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from dllama_py.chat_session import ChatSession
+    from dllama_py.generation.chat_session import ChatSession
 
     tokenizer = load_tokenizer(args.tokenizer)
     engine = make_engine(args, log_stderr)
     try:
         check_vocab(engine, tokenizer)
-        if engine.info.nodes == 1:
-            log_stderr(engine.info.plan_text)
         for note in engine.info.notes:
             log_stderr(f"note: {note}")
         session = ChatSession(engine, tokenizer, args.chat_template, args.nbatches)
-        from dllama_py.sampler import Sampler
+        from dllama_py.engine.sampler import Sampler
 
         sampler = Sampler(args.temperature, args.topp, args.seed)
         if args.system:
@@ -365,9 +256,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from dllama_py.demo import run_demo
+    from dllama_py.commands.demo import run_demo
 
-    return run_demo(nodes=args.nodes, steps=args.steps, threads=args.nthreads)
+    return run_demo(main, nodes=args.nodes, steps=args.steps, threads=args.nthreads)
 
 
 def main(argv: list[str] | None = None) -> int:

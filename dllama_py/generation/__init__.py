@@ -1,0 +1,1 @@
+"""Generation over an engine: prompts in batches, tokens one by one, stop strings, chat turns."""

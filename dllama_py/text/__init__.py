@@ -1,0 +1,1 @@
+"""Text in and out: tokenizers (sentencepiece and byte-level BPE styles) and chat templates."""
