@@ -128,8 +128,6 @@ def open_model(path: str | os.PathLike[str]) -> ModelFile:
     return read_model(p)
 
 
-
-
 class Engine:
     """The model on this node (node 0) and on every other node its transport reaches.
 
