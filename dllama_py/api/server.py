@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         from dllama_py.api.service import GenerationService
     except ImportError as error:
         print(
-            f"error: {error.name} is missing; install the API extras: pip install 'dllama-py[api]'",
+            f"error: {error.name} is missing; reinstall dllama-py (pip install .), which installs it",
             file=sys.stderr,
         )
         return 1
