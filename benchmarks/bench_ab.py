@@ -23,8 +23,10 @@ FIGURES = ("gen_tokens_per_s", "prompt_tokens_per_s")
 
 def run_once(checkout: Path, bench: list[str], out: Path) -> list[dict]:
     python = checkout / ".venv" / "bin" / "python"
+    # run outside the checkout, so that `python -m dllama_py...` finds the installed package (with
+    # its compiled core), not the source folder
     subprocess.run([str(python), str(checkout / "benchmarks" / bench[0]), *bench[1:], "--json", str(out)],
-                   check=True, cwd=checkout, stdout=subprocess.DEVNULL)
+                   check=True, cwd=out.parent, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
