@@ -125,10 +125,13 @@ def convert_chunks(
         yield source.transform(chunk) if source.transform else chunk
 
 
-def convert(hf_dir: Path, float_type: FloatType, output: Path, progress: bool = True) -> ModelConfig:
+def convert(
+    hf_dir: Path, float_type: FloatType, output: Path, progress: bool = True, allow_non_finite: bool = False
+) -> ModelConfig:
     """Convert the HF model folder `hf_dir` to `output` with weights in `float_type`.
 
-    Returns the written ModelConfig; raises ConversionError (unsupported or damaged input) or OSError.
+    Returns the written ModelConfig; raises ConversionError (unsupported or damaged input, such as
+    a weight that is NaN or infinite unless `allow_non_finite`) or OSError.
     The output appears only when complete (written to `output + '.tmp'`, then renamed).
     """
     config_path = hf_dir / "config.json"
@@ -158,7 +161,7 @@ def convert(hf_dir: Path, float_type: FloatType, output: Path, progress: bool = 
                 f"({', '.join(ignored[:3])}{', ...' if len(ignored) > 3 else ''})",
                 file=sys.stderr,
             )
-        _write(output, config, specs, sources, checkpoint, progress)
+        _write(output, config, specs, sources, checkpoint, progress, allow_non_finite)
     finally:
         checkpoint.close()
     return config
@@ -171,6 +174,7 @@ def _write(
     sources: dict[str, Source],
     checkpoint: SafetensorsCheckpoint,
     progress: bool,
+    allow_non_finite: bool = False,
 ) -> None:
     from tqdm import tqdm
 
@@ -191,10 +195,25 @@ def _write(
         for index, spec in enumerate(specs, 1):
             bar.set_postfix_str(f"tensor {index}/{len(specs)} {spec.name}", refresh=False)
             rows, cols = spec.shape
+            non_finite = 0
             for chunk in convert_chunks(checkpoint, sources[spec.name], rows, cols):
+                bad = chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
+                if bad and not allow_non_finite:
+                    raise ConversionError(
+                        f"tensor {sources[spec.name].hf_name} (for {spec.name}) holds NaN or infinite values: "
+                        "the checkpoint is damaged, and the model would compute NaN (--allow-non-finite "
+                        "converts it anyway)"
+                    )
+                non_finite += bad
                 before = writer.bytes_written
                 writer.write(spec.name, chunk)
                 bar.update(writer.bytes_written - before)
+            if non_finite:
+                tqdm.write(
+                    f"convert-hf: warning: tensor {sources[spec.name].hf_name} (for {spec.name}) holds "
+                    f"{non_finite} NaN or infinite values",
+                    file=sys.stderr,
+                )
 
 
 def _require_core() -> None:
@@ -246,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--threads", metavar="N", type=int, help="threads for quantization (default: all CPU cores)"
     )
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--allow-non-finite",
+        action="store_true",
+        help="convert weights that are NaN or infinite instead of refusing the model (the default names "
+        "the first such tensor); the converted model will most likely produce NaN",
+    )
     return parser
 
 
@@ -264,7 +289,9 @@ def main(argv: list[str] | None = None) -> int:
             from dllama_py import _core
 
             _core.set_num_threads(args.threads)
-        config = convert(args.hf_dir, float_type, output, progress=not args.quiet)
+        config = convert(
+            args.hf_dir, float_type, output, progress=not args.quiet, allow_non_finite=args.allow_non_finite
+        )
     except (ConversionError, ModelFormatError, OSError) as error:
         message = (
             error.strerror + f": {error.filename}" if isinstance(error, OSError) and error.filename else error

@@ -9,6 +9,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
 #include <cstring>
@@ -23,6 +24,18 @@ namespace dllama {
 using Clock = std::chrono::steady_clock;
 
 namespace {
+
+// How long a wait goes without calling the interrupt check. poll() returns early (EINTR) for a
+// signal that arrives while it waits, but not for one that arrived just before it began (Python
+// has noted it; nothing interrupts poll() any more): such a Ctrl-C is honoured within this time
+// instead of being lost until the operation ends. The check takes the GIL, so not more often.
+constexpr auto kInterruptCheckEvery = std::chrono::milliseconds(200);
+
+int ceil_ms(Clock::duration d) {
+    return d <= Clock::duration::zero()
+               ? 0
+               : static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(d).count());
+}
 
 std::string errno_text(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
 
@@ -307,6 +320,7 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
 
     const int timeout_ms = timeout_ms_.load();
     const auto timeout = std::chrono::milliseconds(timeout_ms);
+    Clock::time_point next_check = start + kInterruptCheckEvery;
     std::vector<pollfd>& pfds = pollfds_;
     std::vector<Transfer*>& owners = poll_owners_;
     for (;;) {
@@ -336,7 +350,15 @@ void Mesh::run_unlocked(std::vector<Transfer>& transfers, const char* op, const 
                 cause += ": the peer is not reading (sent " + bytes_of(t.sent, t.send_total()) + ")";
             fail(op, label, t.peer, cause);
         }
-        const int wait_ms = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        int wait_ms = static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        if (interrupt_check_) {
+            const Clock::time_point now = Clock::now();
+            if (now >= next_check) {
+                interrupt_check_();
+                next_check = now + kInterruptCheckEvery;
+            }
+            wait_ms = std::min(wait_ms, ceil_ms(next_check - now));
+        }
         pfds.push_back(pollfd{wake_read_, POLLIN, 0});
 
         const int ready = poll(pfds.data(), static_cast<nfds_t>(pfds.size()), wait_ms);
@@ -456,6 +478,7 @@ bool Mesh::wait_readable(int peer, int timeout_ms, const std::string& label) {
     const Clock::time_point deadline = now + std::chrono::milliseconds(timeout_ms < 0 ? 0 : timeout_ms);
     // Spin first (see spin_us()): a step usually follows the previous one within microseconds.
     const Clock::time_point spin_end = now + std::chrono::microseconds(timeout_ms == 0 ? 0 : spin_us_.load());
+    Clock::time_point next_check = now + kInterruptCheckEvery;
     for (unsigned round = 1; Clock::now() < spin_end && !closing_.load(); round++) {
         pollfd pfd = {fds_[peer], POLLIN, 0};
         if (poll(&pfd, 1, 0) > 0) {
@@ -467,11 +490,15 @@ bool Mesh::wait_readable(int peer, int timeout_ms, const std::string& label) {
     }
     for (;;) {
         int wait_ms = -1;
-        if (timeout_ms >= 0) {
-            const auto left = deadline - Clock::now();
-            wait_ms = left <= Clock::duration::zero()
-                          ? 0
-                          : static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(left).count());
+        if (timeout_ms >= 0) wait_ms = ceil_ms(deadline - Clock::now());
+        if (interrupt_check_) {
+            const Clock::time_point at = Clock::now();
+            if (at >= next_check) {
+                interrupt_check_();  // nothing was consumed: an interrupt leaves the mesh usable
+                next_check = at + kInterruptCheckEvery;
+            }
+            const int slice_ms = ceil_ms(next_check - at);
+            wait_ms = wait_ms < 0 ? slice_ms : std::min(wait_ms, slice_ms);
         }
         pollfd pfds[2] = {{fds_[peer], POLLIN, 0}, {wake_read_, POLLIN, 0}};
         const int ready = poll(pfds, 2, wait_ms);
@@ -485,7 +512,7 @@ bool Mesh::wait_readable(int peer, int timeout_ms, const std::string& label) {
         if (pfds[0].revents & POLLNVAL)
             fail("wait_readable", label, peer, "the socket is not open (fd " + std::to_string(pfds[0].fd) + ")");
         if (pfds[0].revents) return true;
-        if (ready == 0 && wait_ms >= 0 && Clock::now() >= deadline) return false;
+        if (ready == 0 && timeout_ms >= 0 && Clock::now() >= deadline) return false;
     }
 }
 

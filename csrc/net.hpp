@@ -99,8 +99,9 @@ public:
     void close();
     bool is_closed() const { return closing_.load(); }  // closed, or failed (which closes)
 
-    // Called (with no lock held) when poll() is interrupted by a signal; it may throw to abort
-    // the operation (the bindings use it to honour Ctrl-C). An abort leaves the Mesh failed.
+    // Called (with no lock held) when poll() is interrupted by a signal, and every 200 ms of a
+    // wait (for a signal that came just before poll() began); it may throw to abort the operation
+    // (the bindings use it to honour Ctrl-C). An abort leaves the Mesh failed (wait_readable: not).
     void set_interrupt_check(std::function<void()> check) { interrupt_check_ = std::move(check); }
 
 private:

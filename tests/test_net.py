@@ -416,6 +416,22 @@ def test_close_from_another_thread_wakes_a_waiting_operation(cluster_factory) ->
         mesh.recv_message(1, 10)
 
 
+def in_poll(pid: int, tid: int) -> bool:
+    """Whether thread `tid` of process `pid` is blocked in poll() (Linux /proc)."""
+    import platform
+
+    base = f"/proc/{pid}/task/{tid}/"
+    try:
+        with open(base + "wchan") as f:
+            if "poll" in f.read():
+                return True
+        with open(base + "syscall") as f:
+            number = f.read().split()[0]  # "running" while it runs
+    except (OSError, IndexError):
+        return False
+    return number in ({"7", "271"} if platform.machine() == "x86_64" else {"73"})  # poll, ppoll
+
+
 _INTERRUPTED_NODE = """
 import socket, time
 from dllama_py._core import Mesh, NetError
@@ -433,11 +449,52 @@ except KeyboardInterrupt:
 def test_ctrl_c_interrupts_a_waiting_operation() -> None:
     child = subprocess.Popen([sys.executable, "-c", _INTERRUPTED_NODE], stdout=subprocess.PIPE, text=True)
     assert child.stdout is not None and child.stdout.readline().strip() == "ready"
-    time.sleep(0.2)
+    deadline = time.monotonic() + 30  # a busy machine may take a while to get the child to its wait
+    while not in_poll(child.pid, child.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     child.send_signal(signal.SIGINT)
-    out, _ = child.communicate(timeout=5)  # well before the 10 s timeout
+    out, _ = child.communicate(timeout=30)
     assert "interrupted after" in out and "closed=True" in out, out
-    assert float(out.split("after ")[1].split(" s")[0]) < 2.0
+    assert float(out.split("after ")[1].split(" s")[0]) < 9.0  # before the 10 s timeout
+
+
+# A SIGINT that Python has noted but that did not interrupt poll(): it came just before poll()
+# began (issue 14: a Ctrl-C between the child's "ready" and its wait was lost until the 10 s
+# timeout). Sending it to another thread while the main one already waits makes that moment
+# happen every time.
+_SIGNAL_BEFORE_THE_WAIT = """
+import os, signal, socket, threading, time
+from dllama_py._core import Mesh
+IN_POLL
+a, b = socket.socketpair()
+mesh = Mesh(0, 2, [-1, a.detach()], ["self", "peer"], 60_000)
+main_thread = threading.get_native_id()
+
+def poke():
+    while not in_poll(os.getpid(), main_thread):
+        time.sleep(0.01)
+    signal.pthread_kill(threading.get_ident(), signal.SIGINT)  # handled in this thread, not the main one
+
+threading.Thread(target=poke, daemon=True).start()
+t0 = time.perf_counter()
+try:
+    mesh.recv_message(1, 10, label="waiting")
+except KeyboardInterrupt:
+    print(f"interrupted after {time.perf_counter() - t0:.2f} s, closed={mesh.closed}", flush=True)
+"""
+
+
+@pytest.mark.parametrize("operation", ["recv_message", "wait_readable"])
+def test_a_ctrl_c_noted_just_before_a_wait_still_interrupts_it(operation: str) -> None:
+    import inspect
+
+    script = _SIGNAL_BEFORE_THE_WAIT.replace("IN_POLL", inspect.getsource(in_poll))
+    if operation == "wait_readable":
+        script = script.replace('mesh.recv_message(1, 10, label="waiting")', "mesh.wait_readable(1, 60_000)")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120).stdout
+    assert "interrupted after" in out, out
+    assert float(out.split("after ")[1].split(" s")[0]) < 30.0  # not the 60 s timeout (or never)
+    assert ("closed=True" if operation == "recv_message" else "closed=False") in out, out
 
 
 # ---- counters and arguments ----------------------------------------------------------------

@@ -2,12 +2,15 @@
 
 A worker needs no model file. When its root goes away (finished or died) it frees everything
 and waits for the next one. Nothing a peer sends makes it exit: bytes that are not our
-protocol, a wrong version or a wrong secret are refused with a logged line.
+protocol, a wrong version or a wrong secret are refused with a logged line. Every incoming
+connection is handshaken in a thread of its own with a deadline for the whole handshake
+(`Reception`), so strangers that connect and say nothing cannot keep a real root out.
 """
 
 from __future__ import annotations
 
 import gc
+import queue
 import select
 import socket
 import sys
@@ -30,7 +33,8 @@ from dllama_py.model.forward import NodeForward
 from dllama_py.model.plan import Plan
 from dllama_py.model.structure import Split, tensor_specs
 
-HANDSHAKE_TIMEOUT_S = 10.0
+HANDSHAKE_TIMEOUT_S = 10.0  # for the whole handshake up to the root's proof; then as long again for its setup
+MAX_PENDING_HANDSHAKES = 32  # unauthenticated connections handled at once; beyond, the oldest is dropped
 MAX_BATCH = 1024  # the most prompt rows per step a root may ask for
 
 
@@ -38,17 +42,160 @@ def log(message: str) -> None:
     print(f"[worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
-def handshake(conn: socket.socket, secret: str | None, speed: float = 0.0) -> p.Setup:
-    """Worker side of the root handshake; returns the root's setup or raises ProtocolError."""
+class Deadline:
+    """A socket whose reads and writes must all be done by one deadline (time.monotonic()), so
+    that a peer that sends a byte now and then cannot stretch a handshake (a timeout per read
+    could not stop it). Has what protocol.send_frame and recv_frame use."""
+
+    def __init__(self, sock: socket.socket, seconds: float) -> None:
+        self.sock, self.seconds = sock, seconds
+        self.deadline = time.monotonic() + seconds
+
+    def _left(self) -> float:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"the handshake took longer than {self.seconds:g} s")
+        return left
+
+    def recv(self, n: int) -> bytes:
+        self.sock.settimeout(self._left())
+        try:
+            return self.sock.recv(n)
+        except TimeoutError:
+            raise TimeoutError(f"the handshake took longer than {self.seconds:g} s") from None
+
+    def sendall(self, data: bytes) -> None:
+        self.sock.settimeout(self._left())
+        try:
+            self.sock.sendall(data)
+        except TimeoutError:
+            raise TimeoutError(f"the handshake took longer than {self.seconds:g} s") from None
+
+
+def secret_mismatch(secret: str | None, root_proof: bytes, nonce_w: bytes) -> str:
+    """Why a root's proof does not match, said from this worker's side."""
+    if not secret:
+        return "the root uses a secret but this worker has none (start it with the same --secret / DLLAMA_SECRET)"
+    if p.proofs_equal(root_proof, p.proof(None, b"root", nonce_w)):
+        return "the root has no secret but this worker requires one (give the root --secret / DLLAMA_SECRET)"
+    return "the root's secret differs from this worker's (check --secret / DLLAMA_SECRET on both sides)"
+
+
+def authenticate(link: Deadline | socket.socket, secret: str | None) -> p.HelloRoot:
+    """The first half of the worker's handshake: challenge the root and check its proof
+    (answering AUTH_FAILED and raising ProtocolError when it does not know the secret)."""
     nonce_w = p.new_nonce()
-    p.send_frame(conn, p.HelloWorker(nonce_w).encode())
-    hello = p.read(p.recv_frame(conn), p.HelloRoot)
+    p.send_frame(link, p.HelloWorker(nonce_w).encode())
+    hello = p.read(p.recv_frame(link), p.HelloRoot)
     if not p.proofs_equal(hello.proof, p.proof(secret, b"root", nonce_w)):
-        p.send_frame(conn, p.Welcome(p.WelcomeStatus.AUTH_FAILED).encode())
-        raise p.ProtocolError("the root does not know this worker's secret (check --secret / DLLAMA_SECRET)")
-    p.send_frame(conn, p.Welcome(p.WelcomeStatus.OK, p.proof(secret, b"worker", hello.nonce), speed,
+        p.send_frame(link, p.Welcome(p.WelcomeStatus.AUTH_FAILED).encode())
+        raise p.ProtocolError(secret_mismatch(secret, hello.proof, nonce_w))
+    return hello
+
+
+def welcome(link: Deadline | socket.socket, secret: str | None, hello: p.HelloRoot, speed: float) -> p.Setup:
+    """The second half: prove this worker knows the secret, then read the root's setup."""
+    p.send_frame(link, p.Welcome(p.WelcomeStatus.OK, p.proof(secret, b"worker", hello.nonce), speed,
                                  known_available_memory() or 0).encode())
-    return p.read(p.recv_frame(conn), p.Setup)
+    return p.read(p.recv_frame(link), p.Setup)
+
+
+class Reception:
+    """Handshakes every incoming connection in a thread of its own, so that strangers which
+    connect and then say nothing (or dribble a byte every few seconds) cannot keep a root
+    waiting: the first root that proves it knows the secret wins the worker; any other root
+    that authenticates meanwhile is told BUSY. Each handshake has HANDSHAKE_TIMEOUT_S in all;
+    at most MAX_PENDING_HANDSHAKES unauthenticated ones run at once, and a new connection
+    beyond that drops the oldest (a flood must then outpace a root's whole handshake, a
+    few milliseconds on a LAN, to keep it out)."""
+
+    def __init__(self, secret: str | None, speed: float) -> None:
+        self.secret, self.speed = secret, speed
+        self._lock = threading.Lock()
+        self._pending: dict[socket.socket, str] = {}  # unauthenticated connections, oldest first
+        self._dropped: set[socket.socket] = set()
+        self._claimed = False  # a root authenticated: accept nothing more until release()
+        self._outcomes: queue.Queue[tuple[socket.socket, p.Setup, str] | None] = queue.Queue()
+
+    def next_root(self, listener: socket.socket) -> tuple[socket.socket, p.Setup, str]:
+        """Accept connections until a root has authenticated and sent its setup: (its socket,
+        the setup, its address). Once one authenticates, nothing more is accepted here (the
+        other workers of its session connect to this listener next)."""
+        while True:
+            with self._lock:
+                claimed = self._claimed
+            if claimed:
+                outcome = self._outcomes.get()
+                if outcome is not None:
+                    return outcome
+                continue  # that root went away before its setup: accept again
+            ready, _, _ = select.select([listener], [], [], 0.2)
+            if not ready:
+                continue
+            with self._lock:
+                if self._claimed:  # a connection made after a root authenticated is its session's
+                    continue
+                listener.settimeout(0)
+                try:
+                    conn, addr = listener.accept()
+                except OSError:  # gone again (reset before accept)
+                    continue
+                finally:
+                    listener.settimeout(None)
+                who = f"{addr[0]}:{addr[1]}"
+                if len(self._pending) >= MAX_PENDING_HANDSHAKES:
+                    oldest = next(iter(self._pending))
+                    self._drop(oldest)
+                self._pending[conn] = who
+            threading.Thread(target=self._handshake, args=(conn, who), daemon=True,
+                             name=f"dllama-handshake {who}").start()
+
+    def release(self) -> None:
+        """The session of the root next_root returned is over: accept the next."""
+        with self._lock:
+            self._claimed = False
+
+    def _drop(self, conn: socket.socket) -> None:
+        """Make room (lock held): end the oldest unauthenticated handshake."""
+        del self._pending[conn]
+        self._dropped.add(conn)
+        try:
+            conn.shutdown(socket.SHUT_RDWR)  # its thread's read returns at once
+        except OSError:
+            pass
+
+    def _handshake(self, conn: socket.socket, who: str) -> None:
+        won = dropped = False
+        try:
+            hello = authenticate(Deadline(conn, HANDSHAKE_TIMEOUT_S), self.secret)
+            with self._lock:
+                self._pending.pop(conn, None)
+                won = not self._claimed and conn not in self._dropped
+                self._claimed = self._claimed or won
+            if not won:
+                p.send_frame(Deadline(conn, HANDSHAKE_TIMEOUT_S), p.Welcome(p.WelcomeStatus.BUSY).encode())
+                log(f"told root {who} that this worker is busy with another root")
+                conn.close()
+                return
+            setup = welcome(Deadline(conn, HANDSHAKE_TIMEOUT_S), self.secret, hello, self.speed)
+            conn.settimeout(HANDSHAKE_TIMEOUT_S)
+            self._outcomes.put((conn, setup, who))
+        except Exception as error:  # noqa: BLE001 - whatever arrives, the worker keeps serving
+            with self._lock:
+                dropped = conn in self._dropped
+            if dropped:
+                log(f"dropped connection from {who}: {MAX_PENDING_HANDSHAKES} newer handshakes were pending")
+            else:
+                log(f"refused connection from {who}: {error}")
+            conn.close()
+            if won:
+                with self._lock:
+                    self._claimed = False
+                self._outcomes.put(None)
+        finally:
+            with self._lock:
+                self._pending.pop(conn, None)
+                self._dropped.discard(conn)
 
 
 def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
@@ -78,9 +225,9 @@ def connect_mesh(listener: socket.socket, root: socket.socket, setup: p.Setup,
             sock, addr = listener.accept()
         except TimeoutError:
             continue
-        sock.settimeout(HANDSHAKE_TIMEOUT_S)
+        link = Deadline(sock, min(HANDSHAKE_TIMEOUT_S, max(0.1, deadline - time.monotonic())))
         try:
-            hello = p.read(p.recv_frame(sock), p.MeshHello)
+            hello = p.read(p.recv_frame(link), p.MeshHello)
             if hello.session != session:
                 raise p.ProtocolError("mesh hello for another session")
             j = hello.node
@@ -242,10 +389,10 @@ class BusyResponder:
             except (TimeoutError, OSError):
                 continue
             try:
-                sock.settimeout(2.0)
-                p.send_frame(sock, p.HelloWorker(p.new_nonce()).encode())
-                p.read(p.recv_frame(sock), p.HelloRoot)
-                p.send_frame(sock, p.Welcome(p.WelcomeStatus.BUSY).encode())
+                link = Deadline(sock, 2.0)  # for the whole exchange: strangers cannot hold this thread
+                p.send_frame(link, p.HelloWorker(p.new_nonce()).encode())
+                p.read(p.recv_frame(link), p.HelloRoot)
+                p.send_frame(link, p.Welcome(p.WelcomeStatus.BUSY).encode())
                 log(f"told root {addr[0]}:{addr[1]} that this worker is {self.reason}")
             except (p.ProtocolError, OSError) as error:
                 log(f"refused connection from {addr[0]}:{addr[1]} during a session: {error}")
@@ -323,25 +470,17 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         listener = socket.create_server((host, port), family=family, reuse_port=False, backlog=16)
-    except OSError as error:
-        print(f"error: cannot listen on {host}:{port}: {error.strerror or error}", file=sys.stderr)
+    except (OSError, OverflowError) as error:  # OverflowError: a port outside 0-65535
+        print(f"error: cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 1
     speed = kernels.measure_matmul_speed()  # --shares auto weighs the nodes by it
     log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}, "
         f"matmul speed {speed:.1f} GB/s of q40 weights" + (", secret required" if secret else "")
         + (f", slice cache in {cache.dir}" if cache else ""))
+    reception = Reception(secret, speed)
     try:
         while True:
-            listener.settimeout(None)
-            conn, addr = listener.accept()
-            who = f"{addr[0]}:{addr[1]}"
-            conn.settimeout(HANDSHAKE_TIMEOUT_S)
-            try:
-                setup = handshake(conn, secret, speed)
-            except Exception as error:  # noqa: BLE001 - whatever arrives, the worker keeps serving
-                log(f"refused connection from {who}: {error}")
-                conn.close()
-                continue
+            conn, setup, who = reception.next_root(listener)
             log(f"root {who} connected: node {setup.node_index} of {len(setup.addresses)}")
             try:
                 run_session(listener, conn, setup, secret, spin_us, cache)
@@ -352,6 +491,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
                 log(f"session with root {who} ended: {type(error).__name__}: {error}; waiting for the next root")
             finally:
                 conn.close()
+                reception.release()
                 gc.collect()
             if once:
                 return 0

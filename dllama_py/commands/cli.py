@@ -12,6 +12,8 @@ from dllama_py.commands.options import (
     UserError,
     add_engine_arguments,
     add_sampling_arguments,
+    check_port,
+    check_sampling,
     check_threads,
     check_vocab,
     load_tokenizer,
@@ -111,6 +113,7 @@ def cmd_inference(args: argparse.Namespace) -> int:
 
     if args.steps < 0:
         raise UserError(f"--steps must not be negative, got {args.steps}")
+    check_sampling(args)
     tokenizer = load_tokenizer(args.tokenizer)
     if args.prompt_ids is not None:
         try:
@@ -211,6 +214,7 @@ def cmd_inference(args: argparse.Namespace) -> int:
 def cmd_chat(args: argparse.Namespace) -> int:
     from dllama_py.generation.chat_session import ChatSession
 
+    check_sampling(args)
     tokenizer = load_tokenizer(args.tokenizer)
     engine = make_engine(args, log_stderr)
     try:
@@ -251,6 +255,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from dllama_py.cluster.worker import serve
 
     check_threads(args.nthreads)
+    check_port(args.port)
     secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
     return serve(args.host, args.port, args.nthreads, secret, once=args.once, cache_dir=args.cache_dir)
 

@@ -4,6 +4,7 @@ for, and how a user's mistake is reported (UserError: one line, exit status 1)."
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -26,7 +27,8 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, metavar="L",
                    help="context length (KV cache size); default: the model's, capped to fit in memory")
     p.add_argument("--kv-cache-storage", choices=("ram", "disk"), default="ram",
-                   help="keep the KV cache in RAM or in a memory-mapped temporary file (default ram)")
+                   help="keep the KV cache in RAM or in a memory-mapped temporary file, unlinked as soon as "
+                        "it is mapped so that nothing stays behind (default ram)")
     p.add_argument("--nbatches", type=int, default=32, metavar="N",
                    help="prompt tokens evaluated together in one batch (default 32)")
     p.add_argument("--mmap-weights", action="store_true",
@@ -60,6 +62,20 @@ def add_sampling_arguments(p: argparse.ArgumentParser) -> None:
                    help="random seed for reproducible sampling (default: from the clock)")
 
 
+def check_port(port: int) -> None:
+    """A TCP port to listen on (0: any free one)."""
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port must be between 0 and 65535, got {port}")
+
+
+def check_sampling(args: argparse.Namespace) -> None:
+    """--temperature and --topp: finite numbers (NaN would sample nonsense), a temperature not negative."""
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise UserError(f"--temperature must be a finite number, 0 or more, got {args.temperature:g}")
+    if not math.isfinite(args.topp):
+        raise UserError(f"--topp must be a finite number, got {args.topp:g}")
+
+
 def check_threads(threads: int | None) -> None:
     from dllama_py.model import kernels
 
@@ -75,6 +91,8 @@ def check_threads(threads: int | None) -> None:
 def load_tokenizer(path: str):  # -> Tokenizer
     from dllama_py.text.tokenizer import Tokenizer
 
+    if Path(path).is_dir():
+        raise UserError(f"--tokenizer {path} is a directory; give the .t file itself")
     if not Path(path).is_file():
         raise UserError(f"tokenizer file not found: {path}")
     return Tokenizer.load(path)
@@ -83,6 +101,8 @@ def load_tokenizer(path: str):  # -> Tokenizer
 def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Engine
     """The engine the flags ask for: this computer alone, or the root of --workers."""
     check_threads(args.nthreads)
+    if Path(args.model).is_dir():
+        raise UserError(f"--model {args.model} is a directory; give the .m file itself")
     if args.shares is not None and not args.workers:
         raise UserError("--shares splits the model between the nodes of a cluster: give --workers too")
     if args.net_timeout is not None and not 0.1 <= args.net_timeout <= 3600:

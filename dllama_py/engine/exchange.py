@@ -18,6 +18,7 @@ settings the nodes apply before choosing their candidates (temperature, vocabula
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -39,6 +40,18 @@ VALUE_ID = struct.Struct("<fi")  # a logit (scaled for TOPK) and its global toke
 TOPK_TAIL = struct.Struct("<fff")  # max of scaled logits, sum of exp(scaled - max), tokens in the slice
 TOPK = 64
 COUNTERS = struct.Struct("<QQd")  # bytes sent, bytes received, seconds waited in syncs, by the node so far
+
+
+class NonFiniteLogits(RuntimeError):
+    """A forward pass gave NaN or infinite logits: nothing can be sampled from this step. The
+    engine itself is sound (every node took part in the step and the exchange), so one request
+    fails, not the engine. The usual cause is a model whose weights hold NaN or Inf (convert-hf
+    refuses those unless --allow-non-finite), or values beyond what its float type holds.
+    A RuntimeError like engine.EngineError, which this module cannot import (engine.py imports it)."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"the forward pass produced non-finite logits (NaN or infinity) {where}: the model's "
+                         "weights may hold NaN or Inf, or its values overflow; nothing can be sampled from them")
 
 
 def layout(sizes: list[int]) -> tuple[list[int], list[int]]:
@@ -102,9 +115,16 @@ def encode_topk(row: np.ndarray, vocab_start: int, vocab_limit: int, temperature
 
 
 def best_of(buf: np.ndarray, offsets: list[int]) -> int:
-    """The global argmax from every node's ARGMAX reply (ties go to the lowest id)."""
+    """The global argmax from every node's ARGMAX reply (ties go to the lowest id); raises
+    NonFiniteLogits when a node's best is NaN or infinite (its argmax finds a NaN first) or no
+    node has a finite one. A node whose slice lies past the vocabulary limit sends -inf."""
     candidates = [VALUE_ID.unpack_from(buf, o) for o in offsets]
+    for node, (v, _) in enumerate(candidates):
+        if math.isnan(v) or v == math.inf:
+            raise NonFiniteLogits(f"on node {node}")
     value = max(v for v, _ in candidates)
+    if value == -math.inf:
+        raise NonFiniteLogits("on every node")
     return min(i for v, i in candidates if v == value)
 
 
@@ -120,7 +140,14 @@ class Candidates:
                     ids.append(i)
                     values.append(v)
             tails.append(TOPK_TAIL.unpack_from(buf, o + TOPK * VALUE_ID.size))
+        for node, (m, s, n) in enumerate(tails):  # a NaN or inf anywhere in a slice makes its max or sum one
+            if n > 0 and not (math.isfinite(m) and math.isfinite(s) and s > 0):
+                raise NonFiniteLogits(f"on node {node}")
+        if any(math.isnan(v) or v == math.inf for v in values):
+            raise NonFiniteLogits("among the top tokens")
         live = [(m, s, n) for m, s, n in tails if n > 0]
+        if not live:
+            raise NonFiniteLogits("on every node (no token below the vocabulary limit)")
         top = max(m for m, _, _ in live)
         z = sum(s * np.exp(m - top) for m, s, _ in live)
         self.ids = np.asarray(ids, dtype=np.int64)
@@ -205,7 +232,9 @@ class Exchange:
         return with_counters(mine, *counters)
 
     def combine(self, readout: Readout, buf: np.ndarray, rows: int) -> Collected:
-        """The root's reading of the gathered parts of every node."""
+        """The root's reading of the gathered parts of every node; raises NonFiniteLogits when
+        what it reads holds NaN or infinity (the best value, the top tokens and every slice's
+        maximum and normaliser, or every logit)."""
         offsets, sizes = self.layout(readout, rows)
         out = Collected(counters=counters_of(buf, offsets, sizes))
         if readout.mode == LogitsMode.ARGMAX:
@@ -214,5 +243,8 @@ class Exchange:
             out.candidates = Candidates(buf, offsets)
         else:
             parts = [buf[o:o + n - COUNTERS.size].view(np.float32).reshape(rows, -1) for o, n in zip(offsets, sizes)]
+            for node, part in enumerate(parts):
+                if not np.isfinite(part).all():
+                    raise NonFiniteLogits(f"on node {node}")
             out.logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
         return out

@@ -37,17 +37,21 @@ class Sync(Protocol):
 class KVCache:
     """Keys and values of the node's KV heads for every layer, in RAM or in a memory-mapped
     temporary file (`storage="disk"`). Keys are stored transposed, (layers, KV heads, head_dim,
-    seq_len), so attention scores run along positions; values are (layers, seq_len, K)."""
+    seq_len), so attention scores run along positions; values are (layers, seq_len, K).
+    The file (dllama-kv-*.bin in the temporary folder) is unlinked as soon as it is mapped: the
+    mapping keeps its blocks until it goes, so nothing stays behind however the process ends."""
 
     def __init__(self, n_layers: int, seq_len: int, n_kv_heads: int, head_dim: int, storage: str = "ram") -> None:
         keys_shape = (n_layers, n_kv_heads, head_dim, seq_len)
         values_shape = (n_layers, seq_len, n_kv_heads * head_dim)
-        self.path: str | None = None
         if storage == "disk":
-            fd, self.path = tempfile.mkstemp(prefix="dllama-kv-", suffix=".bin")
-            os.close(fd)
-            size = n_layers * seq_len * n_kv_heads * head_dim
-            both = np.memmap(self.path, dtype=np.float32, mode="w+", shape=(2, size))
+            fd, path = tempfile.mkstemp(prefix="dllama-kv-", suffix=".bin")
+            try:
+                with os.fdopen(fd, "w+b") as file:
+                    size = n_layers * seq_len * n_kv_heads * head_dim
+                    both = np.memmap(file, dtype=np.float32, mode="w+", shape=(2, size))
+            finally:
+                os.unlink(path)
             self.keys = both[0].reshape(keys_shape)
             self.values = both[1].reshape(values_shape)
         elif storage == "ram":
@@ -69,14 +73,8 @@ class KVCache:
         self.values[layer, pos0:pos0 + B] = v
 
     def close(self) -> None:
-        """Release the cache (and delete its file for disk storage)."""
+        """Release the cache (for disk storage: the mapping, whose file is already unlinked)."""
         self.keys = self.values = np.zeros((0, 0, 0), dtype=np.float32)
-        if self.path:
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
-            self.path = None
 
 
 class NodeForward:
