@@ -122,7 +122,7 @@ def test_streamed_completion_equals_the_reference_too(server, testdata):
 def test_completion_of_token_ids_and_echo(server, testdata):
     ref = reference_completion(testdata, STORY)
     completion = server.client().completions.create(
-        model="x", prompt=ref["prompt_ids_with_bos"], temperature=0, max_tokens=10, echo=True
+        model="stories260K", prompt=ref["prompt_ids_with_bos"], temperature=0, max_tokens=10, echo=True
     )
     assert ref["text"].startswith(completion.choices[0].text)
     assert completion.choices[0].text.startswith(STORY)
@@ -132,12 +132,12 @@ def test_stop_sequences_cut_the_text_and_finish_with_stop(server, testdata):
     ref = reference_completion(testdata, STORY)
     client = server.client()
     full = ref["text"][len(STORY) :]
-    completion = client.completions.create(model="x", prompt=STORY, temperature=0, max_tokens=60, stop="Lily")
+    completion = client.completions.create(model="stories260K", prompt=STORY, temperature=0, max_tokens=60, stop="Lily")
     assert completion.choices[0].text == full[: full.index("Lily")]
     assert completion.choices[0].finish_reason == "stop"
     # the earliest of several stop strings wins, streaming too
     stream = client.completions.create(
-        model="x", prompt=STORY, temperature=0, max_tokens=60, stop=["park", "girl"], stream=True
+        model="stories260K", prompt=STORY, temperature=0, max_tokens=60, stop=["park", "girl"], stream=True
     )
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == full[: full.index("girl")]
@@ -145,7 +145,7 @@ def test_stop_sequences_cut_the_text_and_finish_with_stop(server, testdata):
 
 
 def test_max_tokens_ends_with_length(server):
-    completion = server.client().completions.create(model="x", prompt=STORY, temperature=0, max_tokens=5)
+    completion = server.client().completions.create(model="stories260K", prompt=STORY, temperature=0, max_tokens=5)
     assert completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 5
 
@@ -156,7 +156,7 @@ def test_a_seed_gives_the_same_text_twice(server):
     def sample(seed: int) -> str:
         return (
             client.completions.create(
-                model="x", prompt=STORY, temperature=1.0, top_p=0.9, seed=seed, max_tokens=30
+                model="stories260K", prompt=STORY, temperature=1.0, top_p=0.9, seed=seed, max_tokens=30
             )
             .choices[0]
             .text
@@ -190,11 +190,11 @@ def test_chat_answer_has_usage_equal_to_the_tokenizer_count(server, tokenizer):
 def test_chat_stop_string_finishes_with_stop(server):
     messages = [{"role": "user", "content": "Hello"}]
     client = server.client()
-    whole = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=40)
+    whole = client.chat.completions.create(model="stories260K", messages=messages, temperature=0, max_tokens=40)
     text = whole.choices[0].message.content
     assert "." in text
     cut = client.chat.completions.create(
-        model="x", messages=messages, temperature=0, max_tokens=40, stop=["."]
+        model="stories260K", messages=messages, temperature=0, max_tokens=40, stop=["."]
     )
     assert cut.choices[0].message.content == text[: text.index(".")]
     assert cut.choices[0].finish_reason == "stop"
@@ -203,9 +203,9 @@ def test_chat_stop_string_finishes_with_stop(server):
 def test_streamed_chat_equals_the_whole_answer(server):
     messages = [{"role": "user", "content": "Tell me a story about a dog."}]
     client = server.client()
-    whole = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30)
+    whole = client.chat.completions.create(model="stories260K", messages=messages, temperature=0, max_tokens=30)
     stream = client.chat.completions.create(
-        model="x",
+        model="stories260K",
         messages=messages,
         temperature=0,
         max_tokens=30,
@@ -224,7 +224,7 @@ def test_streamed_chat_equals_the_whole_answer(server):
 
 def test_stream_is_server_sent_events_ending_with_done(server):
     body = {
-        "model": "x",
+        "model": "stories260K",
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 5,
         "stream": True,
@@ -248,10 +248,10 @@ def test_stream_is_server_sent_events_ending_with_done(server):
 def test_list_of_text_parts_is_the_same_as_a_string(server):
     client = server.client()
     plain = client.chat.completions.create(
-        model="x", temperature=0, max_tokens=8, messages=[{"role": "user", "content": "Tell me a story"}]
+        model="stories260K", temperature=0, max_tokens=8, messages=[{"role": "user", "content": "Tell me a story"}]
     )
     parts = client.chat.completions.create(
-        model="x",
+        model="stories260K",
         temperature=0,
         max_tokens=8,
         messages=[{"role": "user", "content": [{"type": "text", "text": "Tell me a story"}]}],
@@ -262,12 +262,12 @@ def test_list_of_text_parts_is_the_same_as_a_string(server):
 def test_second_chat_turn_evaluates_only_the_new_tokens(server, tokenizer):
     client = server.client()
     first = [{"role": "user", "content": "Write about a little red bird."}]
-    answer = client.chat.completions.create(model="x", messages=first, temperature=0, max_tokens=20)
+    answer = client.chat.completions.create(model="stories260K", messages=first, temperature=0, max_tokens=20)
     second = first + [
         {"role": "assistant", "content": answer.choices[0].message.content},
         {"role": "user", "content": "What did the bird do next?"},
     ]
-    reply = client.chat.completions.create(model="x", messages=second, temperature=0, max_tokens=5)
+    reply = client.chat.completions.create(model="stories260K", messages=second, temperature=0, max_tokens=5)
     ids_first, ids_second = chat_ids(tokenizer, first), chat_ids(tokenizer, second)
     assert common_prefix(ids_first, ids_second) == len(ids_first)
     x_dllama = reply.model_extra["x_dllama"]
@@ -298,11 +298,11 @@ def test_eight_concurrent_clients_each_get_their_own_text(server):
         prompt, max_tokens = PROMPTS[i], 20 + i
         if i % 2:  # half of them stream
             stream = client.completions.create(
-                model="x", prompt=prompt, temperature=0, max_tokens=max_tokens, stream=True
+                model="stories260K", prompt=prompt, temperature=0, max_tokens=max_tokens, stream=True
             )
             return "".join(c.choices[0].text for c in stream)
         return (
-            client.completions.create(model="x", prompt=prompt, temperature=0, max_tokens=max_tokens)
+            client.completions.create(model="stories260K", prompt=prompt, temperature=0, max_tokens=max_tokens)
             .choices[0]
             .text
         )

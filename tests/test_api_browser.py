@@ -116,7 +116,7 @@ def test_chat_page_streams_answers_keeps_the_conversation_stops_and_starts_over(
     assert first and all(first.startswith(partial) for partial in seen)
     client = server.client()
     messages = [{"role": "user", "content": "Tell me a story about a cat."}]
-    expected = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30)
+    expected = client.chat.completions.create(model="stories260K", messages=messages, temperature=0, max_tokens=30)
     assert first.startswith(
         expected.choices[0].message.content
     )  # then a note: "(stopped at the token limit)"
@@ -128,7 +128,7 @@ def test_chat_page_streams_answers_keeps_the_conversation_stops_and_starts_over(
         {"role": "assistant", "content": expected.choices[0].message.content},
         {"role": "user", "content": "What happened next?"},
     ]
-    expected = client.chat.completions.create(model="x", messages=messages, temperature=0, max_tokens=30)
+    expected = client.chat.completions.create(model="stories260K", messages=messages, temperature=0, max_tokens=30)
     assert second.startswith(expected.choices[0].message.content)
     assert len(browser.find_elements(By.CSS_SELECTOR, "#messages .message")) == 4
 

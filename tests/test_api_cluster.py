@@ -34,7 +34,7 @@ def test_worker_death_ends_the_request_then_the_server_reconnects(stories_files,
     replacement = None
     try:
         client = api.client()
-        before = client.completions.create(model="x", prompt="Once upon a time", temperature=0, max_tokens=20)
+        before = client.completions.create(model="stories260K", prompt="Once upon a time", temperature=0, max_tokens=20)
         body = {"prompt": "Once upon a time", "max_tokens": 300, "stream": True, "ignore_eos": True}
         with httpx.stream(
             "POST", f"{api.url}/v1/completions", json=body, headers=api.headers(), timeout=30
@@ -52,14 +52,14 @@ def test_worker_death_ends_the_request_then_the_server_reconnects(stories_files,
         assert status["status"] == "unavailable" and status["error"]
         assert status["workers"] == [{"address": worker.address, "connected": False}]
         with pytest.raises(openai.InternalServerError) as raised:
-            client.completions.create(model="x", prompt="Once", max_tokens=2)
+            client.completions.create(model="stories260K", prompt="Once", max_tokens=2)
         assert raised.value.status_code == 503
         assert raised.value.body["code"] == "model_unavailable"
 
         replacement = Worker(port, tmp_path / "worker2.log")
         status = api.wait_health(ok=True)
         assert status["nodes"] == 2 and status["reconnect_attempts"] >= 1
-        after = client.completions.create(model="x", prompt="Once upon a time", temperature=0, max_tokens=20)
+        after = client.completions.create(model="stories260K", prompt="Once upon a time", temperature=0, max_tokens=20)
         assert after.choices[0].text == before.choices[0].text
         assert "the model is back" in api.log()
     finally:

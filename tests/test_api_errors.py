@@ -125,7 +125,7 @@ def test_prompt_longer_than_the_context_is_400(server):
         server.post("/v1/completions", json={"prompt": long_text}), 400, "prompt", "context_length_exceeded"
     )
     with pytest.raises(openai.BadRequestError):
-        server.client().completions.create(model="x", prompt=long_text)
+        server.client().completions.create(model="stories260K", prompt=long_text)
 
 
 @pytest.mark.parametrize(
@@ -134,13 +134,17 @@ def test_prompt_longer_than_the_context_is_400(server):
         ({"n": 2}, "n"),
         ({"logprobs": True}, "logprobs"),
         ({"top_logprobs": 3}, "top_logprobs"),
-        ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]}, "tools"),
+        # tools are served (tests/test_api_tools.py); forcing a call needs constrained decoding
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
         ({"functions": [{"name": "f"}]}, "functions"),
+        ({"function_call": {"name": "f"}}, "function_call"),
         ({"frequency_penalty": 0.5}, "frequency_penalty"),
         ({"presence_penalty": -1}, "presence_penalty"),
         ({"logit_bias": {"42": 5}}, "logit_bias"),
         ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
             "messages[0].content[0].type",
@@ -172,7 +176,7 @@ def test_completion_unsupported_fields_are_400(server):
 def test_default_valued_fields_real_clients_send_are_accepted(server):
     # what Open WebUI and the openai package send when nothing special is asked, plus unknown fields
     body = {
-        "model": "whatever",
+        "model": "stories260K",
         "messages": [
             {"role": "system", "content": "Be brief."},
             {"role": "developer", "content": "Really."},
@@ -255,11 +259,11 @@ def test_full_queue_is_429_and_requests_are_served_afterwards(slow_server):
     assert_error(response, 429, code="queue_full")
     assert response.headers["retry-after"] == "1"
     with pytest.raises(openai.RateLimitError):
-        slow_server.client().completions.create(model="x", prompt="Once", max_tokens=2)
+        slow_server.client().completions.create(model="stories260K", prompt="Once", max_tokens=2)
     running.close()
     waiting.close()
     wait_idle(slow_server, 3)
-    done = slow_server.client().completions.create(model="x", prompt="Once", max_tokens=2)
+    done = slow_server.client().completions.create(model="stories260K", prompt="Once", max_tokens=2)
     assert done.usage.completion_tokens == 2
 
 
@@ -279,7 +283,7 @@ def test_client_disconnecting_mid_stream_stops_its_generation(slow_server):
     assert after["tokens_generated"] - before["tokens_generated"] < 60
     # the next request is served at once
     started = time.monotonic()
-    slow_server.client().completions.create(model="x", prompt="Once", max_tokens=3)
+    slow_server.client().completions.create(model="stories260K", prompt="Once", max_tokens=3)
     assert time.monotonic() - started < 1.0
 
 
@@ -302,7 +306,7 @@ def test_a_waiting_request_is_served_when_the_running_one_ends(slow_server):
     answers: list[str] = []
 
     def ask() -> None:
-        answers.append(slow_server.client().completions.create(model="x", prompt="Once", max_tokens=2).object)
+        answers.append(slow_server.client().completions.create(model="stories260K", prompt="Once", max_tokens=2).object)
 
     waiting = threading.Thread(target=ask)
     waiting.start()

@@ -52,6 +52,7 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ApiError(400, message, param, code)
 
 
-def unsupported(param: str, what: str) -> ApiError:
-    """A field that asks for something this server does not do."""
-    return ApiError(400, f"{param}: {what} is not supported by dllama-api", param, "unsupported_parameter")
+def unsupported(param: str, what: str, hint: str | None = None) -> ApiError:
+    """A field that asks for something this server does not do; `hint` says why or what instead."""
+    message = f"{param}: {what} is not supported by dllama-api"
+    return ApiError(400, f"{message} ({hint})" if hint else message, param, "unsupported_parameter")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dllama_py.api.service import Outcome
+from dllama_py.text.tool_calls import ToolCall
 
 DONE_EVENT = "data: [DONE]\n\n"
 
@@ -45,15 +46,22 @@ class ResponseIds:
 # ---- chat -----------------------------------------------------------------------------------
 
 
-def chat_completion(ids: ResponseIds, text: str, outcome: Outcome) -> dict[str, Any]:
+def chat_completion(
+    ids: ResponseIds, text: str | None, outcome: Outcome, tool_calls: list[ToolCall] | None = None
+) -> dict[str, Any]:
+    """A whole chat answer; with tool calls, `content` is the text outside them (null when none)
+    and finish_reason is 'tool_calls'."""
+    message: dict[str, Any] = {"role": "assistant", "content": text, "refusal": None}
+    if tool_calls:
+        message["tool_calls"] = [call.openai() for call in tool_calls]
     return {
         **ids.head("chat.completion"),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
+                "message": message,
                 "logprobs": None,
-                "finish_reason": outcome.finish_reason,
+                "finish_reason": "tool_calls" if tool_calls else outcome.finish_reason,
             }
         ],
         "usage": usage(outcome),
@@ -76,6 +84,11 @@ def chat_chunk(
     if include_usage:
         chunk["usage"] = None  # as OpenAI does: null on every chunk but the last
     return chunk
+
+
+def tool_call_delta(index: int, call: ToolCall) -> dict[str, Any]:
+    """A streamed chunk's delta that carries one whole call (id, type, name and arguments)."""
+    return {"tool_calls": [{"index": index, **call.openai()}]}
 
 
 def chat_usage_chunk(ids: ResponseIds, outcome: Outcome) -> dict[str, Any]:

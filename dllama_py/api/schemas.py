@@ -4,17 +4,23 @@ Bodies are parsed strictly (a string is not a number) but openly: unknown fields
 fields real clients send with their default values (`n: 1`, `logprobs: false`, `tools: []`,
 zero penalties), are accepted and ignored. A field that asks for something this server cannot
 do is refused with a 400 that names it.
+
+Tool calling: `tools` (functions), `tool_choice` 'auto' or 'none', `parallel_tool_calls`,
+assistant messages with `tool_calls` and `tool` messages are accepted; `template_messages()`
+turns the conversation into what a chat template expects (transformers' shape).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dllama_py.api.errors import bad_request, unsupported
 
-ROLES = ("system", "developer", "user", "assistant")
+ROLES = ("system", "developer", "user", "assistant", "tool")
+NOT_YET = "it needs constrained decoding, which dllama-api does not do yet"
 MAX_STOP_SEQUENCES = 16
 
 
@@ -31,10 +37,23 @@ class ContentPart(_Open):
     text: str | None = None
 
 
+class FunctionCall(_Open):
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # a JSON object as text (OpenAI); an object is accepted too
+
+
+class MessageToolCall(_Open):
+    id: str | None = None
+    type: str | None = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Open):
     role: str
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # an assistant's calls
+    tool_call_id: str | None = None  # which call a `tool` message answers
 
 
 class SamplingRequest(_Open):
@@ -44,13 +63,13 @@ class SamplingRequest(_Open):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, ge=0, le=1)
+    temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
+    top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int | None = Field(None, ge=1)
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)
-    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
+    presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: Any = None  # a string in OpenAI's API; some clients send an object
     ignore_eos: bool | None = False  # non-standard (as in vLLM): generate max_tokens tokens whatever comes
@@ -86,6 +105,7 @@ class ChatCompletionRequest(SamplingRequest):
     functions: list[Any] | None = None
     tool_choice: Any = None
     function_call: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
 
     def check(self) -> None:
@@ -94,45 +114,116 @@ class ChatCompletionRequest(SamplingRequest):
             raise unsupported("logprobs", "logprobs")
         if self.top_logprobs:
             raise unsupported("top_logprobs", "top_logprobs")
-        if self.tools:
-            raise unsupported("tools", "tool calling")
+        self.check_tools()
         if self.functions:
-            raise unsupported("functions", "function calling")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise unsupported("tool_choice", "tool_choice other than 'none' or 'auto'")
+            raise unsupported("functions", "the deprecated 'functions' field", "send 'tools' instead")
         if self.function_call not in (None, "none", "auto"):
-            raise unsupported("function_call", "function_call other than 'none' or 'auto'")
+            raise unsupported("function_call", "function_call naming a function", NOT_YET)
         if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported("response_format", f"response_format {self.response_format.get('type')!r}")
+            raise unsupported(
+                "response_format", f"response_format {self.response_format.get('type')!r}", NOT_YET
+            )
         if not self.messages:
             raise bad_request("messages: at least one message is required", "messages")
-        self.plain_messages()
+        self.template_messages()
+
+    def check_tools(self) -> None:
+        if not isinstance(self.tool_choice, (str, dict, type(None))):
+            raise bad_request("tool_choice: a string or an object", "tool_choice")
+        if self.tool_choice == "required":
+            raise unsupported("tool_choice", "tool_choice 'required'", f"{NOT_YET}; use 'auto' or 'none'")
+        if isinstance(self.tool_choice, dict):
+            raise unsupported("tool_choice", "tool_choice naming a function", f"{NOT_YET}; use 'auto' or 'none'")
+        if self.tool_choice not in (None, "auto", "none"):
+            raise bad_request(
+                f"tool_choice: {self.tool_choice!r} is not one of 'none', 'auto', 'required' or a function",
+                "tool_choice",
+            )
+        for i, tool in enumerate(self.tools or []):
+            where = f"tools[{i}]"
+            if not isinstance(tool, dict):
+                raise bad_request(f"{where}: a tool is an object", where)
+            if tool.get("type", "function") != "function":
+                raise unsupported(f"{where}.type", f"tools of type {tool.get('type')!r}", "only 'function' tools")
+            function = tool.get("function")
+            if not isinstance(function, dict):
+                raise bad_request(f"{where}.function: this field is required (an object)", f"{where}.function")
+            name = function.get("name")
+            if not isinstance(name, str) or not name:
+                raise bad_request(f"{where}.function.name: a tool needs a name", f"{where}.function.name")
+            if not isinstance(function.get("parameters", {}), (dict, type(None))):
+                raise bad_request(
+                    f"{where}.function.parameters: a JSON schema object", f"{where}.function.parameters"
+                )
+            if not isinstance(function.get("description", ""), (str, type(None))):
+                raise bad_request(
+                    f"{where}.function.description: a string", f"{where}.function.description"
+                )
+
+    def offered_tools(self) -> list[dict[str, Any]] | None:
+        """The tools the model is offered: none when there are none or tool_choice is 'none'."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        return list(self.tools)
+
+    def tool_names(self) -> list[str]:
+        return [tool["function"]["name"] for tool in self.offered_tools() or []]
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
-    def plain_messages(self) -> list[dict[str, str]]:
-        """The conversation as [{'role', 'content'}] with string content, for the chat template."""
+    def template_messages(self) -> list[dict[str, Any]]:
+        """The conversation for the chat template, in transformers' shape: string `content`; an
+        assistant's `tool_calls` with `arguments` as objects; `tool` messages with their
+        `tool_call_id`. Keys without a value are left out (as transformers drops them)."""
         out = []
         for i, message in enumerate(self.messages):
             where = f"messages[{i}]"
             if message.role not in ROLES:
-                if message.role in ("tool", "function"):
-                    raise unsupported(f"{where}.role", f"a {message.role!r} message (tool calling)")
+                if message.role == "function":
+                    raise unsupported(
+                        f"{where}.role", "a 'function' message (the deprecated function calling)",
+                        "send 'tool' messages",
+                    )
                 raise bad_request(
                     f"{where}.role: unknown role {message.role!r}; use one of {', '.join(ROLES)}",
                     f"{where}.role",
                 )
-            if (message.model_extra or {}).get("tool_calls"):
-                raise unsupported(f"{where}.tool_calls", "tool calls")
             role = "system" if message.role == "developer" else message.role
-            out.append({"role": role, "content": _message_text(message, where)})
+            item: dict[str, Any] = {"role": role, "content": _message_text(message, where)}
+            if message.tool_calls:
+                if role != "assistant":
+                    raise bad_request(
+                        f"{where}.tool_calls: only an assistant message has tool calls", f"{where}.tool_calls"
+                    )
+                item["tool_calls"] = [_template_call(call) for call in message.tool_calls]
+            if role == "tool" and message.tool_call_id is not None:
+                item["tool_call_id"] = message.tool_call_id
+            if role == "tool" and message.name is not None:
+                item["name"] = message.name
+            out.append(item)
         return out
+
+
+def _template_call(call: MessageToolCall) -> dict[str, Any]:
+    """A call as templates read it: arguments as an object when they are JSON (as vLLM does)."""
+    arguments: Any = call.function.arguments
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments) if arguments.strip() else {}
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            arguments = parsed
+    entry: dict[str, Any] = {} if call.id is None else {"id": call.id}
+    entry["type"] = call.type or "function"
+    entry["function"] = {"name": call.function.name, "arguments": arguments}
+    return entry
 
 
 def _message_text(message: ChatMessage, where: str) -> str:
     if message.content is None:
-        if message.role == "assistant":
+        if message.role == "assistant":  # content null: an assistant that only called tools
             return ""
         raise bad_request(f"{where}.content: a {message.role} message needs content", f"{where}.content")
     if isinstance(message.content, str):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 from dllama_py.commands.options import (
     UserError,
     add_engine_arguments,
+    check_port,
+    check_sampling,
     check_vocab,
     load_tokenizer,
     log_stderr,
@@ -71,14 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=16,
         metavar="N",
-        help="requests that may wait while one generates; more get 429 (default 16)",
+        help="requests that may wait while one generates; more get 429 (default 16; 0: none waits)",
     )
     parser.add_argument(
         "--reconnect-interval",
         type=float,
         default=3.0,
         metavar="SECONDS",
-        help="after a failure, how often to try reloading the model on the workers (default 3)",
+        help="after a failure, how often to try reloading the model on the workers (default 3, at least 0.1)",
     )
     parser.add_argument(
         "--cors-origin",
@@ -91,6 +94,58 @@ def build_parser() -> argparse.ArgumentParser:
     # for tests: slow generation down so a test can act while a request is generating
     parser.add_argument("--debug-token-delay-ms", type=float, default=0.0, help=argparse.SUPPRESS)
     return parser
+
+
+def check_server_flags(args: argparse.Namespace) -> None:
+    """The server's own flags, before anything loads; raises UserError."""
+    from dllama_py.api.service import MIN_RECONNECT_INTERVAL_S
+
+    check_port(args.port)
+    check_sampling(args)
+    if args.max_queued < 0:
+        raise UserError(f"--max-queued must not be negative, got {args.max_queued}")
+    if not args.reconnect_interval >= MIN_RECONNECT_INTERVAL_S:  # 0 would retry in a busy loop; NaN too
+        raise UserError(
+            f"--reconnect-interval must be at least {MIN_RECONNECT_INTERVAL_S:g} seconds, "
+            f"got {args.reconnect_interval:g}"
+        )
+
+
+def json_errors_h11_protocol() -> type:
+    """uvicorn's h11 protocol, answering a request it cannot parse in OpenAI's JSON error shape
+    instead of plain text: headers beyond h11's limit (16 KiB) get a 431, anything else a 400.
+    Only the one method that writes that answer is replaced; the rest is uvicorn's."""
+    from http import HTTPStatus
+
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    from dllama_py.api.errors import ApiError
+
+    class JsonErrorsH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            error = sys.exc_info()[1]  # called from uvicorn's `except h11.RemoteProtocolError`
+            status, message = 400, f"invalid HTTP request: {msg}"
+            if isinstance(error, h11.RemoteProtocolError):
+                status = error.error_status_hint
+                message = (
+                    "the request's headers are too large (at most 16 KiB)"
+                    if status == 431
+                    else f"invalid HTTP request: {error}"
+                )
+            body = json.dumps(ApiError(status, message, code="invalid_http_request").body()).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ]
+            reason = HTTPStatus(status).phrase.encode()
+            for event in (h11.Response(status_code=status, headers=headers, reason=reason), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JsonErrorsH11Protocol
 
 
 def model_engine_factory(args: argparse.Namespace, tokenizer):  # -> Callable[[], Engine]
@@ -121,8 +176,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
-    if args.max_queued < 0:
-        print(f"error: --max-queued must not be negative, got {args.max_queued}", file=sys.stderr)
+    try:
+        check_server_flags(args)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
         return 1
     try:
         tokenizer = load_tokenizer(args.tokenizer)
@@ -159,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: {service.chat_error}; /v1/chat/completions and the chat page will refuse requests"
         )
     api_key = args.api_key if args.api_key is not None else os.environ.get("DLLAMA_API_KEY") or None
-    app = create_app(service, api_key=api_key, cors_origins=args.cors_origin)
+    app = create_app(service, api_key=api_key, cors_origins=args.cors_origin, model_names=[Path(args.model).stem])
     host_for_url = f"[{args.host}]" if ":" in args.host else args.host
 
     class Server(uvicorn.Server):
@@ -178,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         log_level="info",
         access_log=args.access_log,
         timeout_graceful_shutdown=5,
+        http=json_errors_h11_protocol(),
     )
     server = Server(config)
     try:

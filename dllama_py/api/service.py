@@ -26,12 +26,14 @@ from jinja2 import TemplateError
 
 from dllama_py.api.errors import ApiError
 from dllama_py.engine.engine import Engine, EngineError
+from dllama_py.engine.exchange import NonFiniteLogits
 from dllama_py.engine.sampler import Sampler
 from dllama_py.generation.chat_session import ChatFormat
 from dllama_py.generation.generator import ContextFullError, Generator, TokenEvent
 from dllama_py.text.tokenizer import Tokenizer
 
 IDLE_CHECK_S = 2.0  # how often an idle server checks that its workers are still there
+MIN_RECONNECT_INTERVAL_S = 0.1  # a shorter interval would spin, logging every attempt
 
 
 @dataclass
@@ -112,6 +114,12 @@ class GenerationService:
         token_delay_s: float = 0.0,
         log: Callable[[str], None] = print,
     ) -> None:
+        if max_queued < 0:
+            raise ValueError(f"max_queued must not be negative, got {max_queued}")
+        if not reconnect_interval_s >= MIN_RECONNECT_INTERVAL_S:  # also refuses NaN
+            raise ValueError(
+                f"the reconnect interval must be at least {MIN_RECONNECT_INTERVAL_S:g} s, got {reconnect_interval_s:g}"
+            )
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.created = int(time.time())
@@ -134,8 +142,12 @@ class GenerationService:
         self.last_error: str | None = None
         self.reconnect_attempts = 0
         self.counters = {"served": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
-        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queued)
+        # Unbounded itself: _admitted counts the jobs queued or running, at most 1 + max_queued
+        # (max_queued 0: none waits; Queue(maxsize=0) would have meant no limit at all).
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self.max_queued = max_queued
+        self._admitted = 0
+        self._admission = threading.Lock()
         self._running: Job | None = None
         self._closing = threading.Event()
         self._reconnecting: threading.Thread | None = None
@@ -206,8 +218,9 @@ class GenerationService:
             code="model_unavailable",
         )
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        """Prompt ids of a conversation, ending with the assistant's turn."""
+    def encode_chat(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Prompt ids of a conversation, ending with the assistant's turn, `tools` offered to the
+        model (by its template, or by a system prompt when the template has no place for them)."""
         if self.chat_format is None:
             raise ApiError(
                 400,
@@ -217,7 +230,7 @@ class GenerationService:
                 "no_chat_template",
             )
         try:
-            return self.chat_format.encode(messages)
+            return self.chat_format.encode(messages, tools=tools)
         except (
             TemplateError,
             ValueError,
@@ -255,12 +268,16 @@ class GenerationService:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         if not self.available:
             raise self.unavailable_error()
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise ApiError(
-                429, f"{self.max_queued} requests are already waiting; retry later", code="queue_full"
-            ) from None
+        with self._admission:
+            if self._admitted > self.max_queued:  # one running, max_queued waiting
+                waiting = (
+                    "another request is running and this server lets none wait (--max-queued 0)"
+                    if self.max_queued == 0
+                    else f"{self.max_queued} requests are already waiting"
+                )
+                raise ApiError(429, f"{waiting}; retry later", code="queue_full")
+            self._admitted += 1
+        self._queue.put_nowait(job)
 
     def sampling(
         self, temperature: float | None, top_p: float | None, seed: int | None
@@ -287,6 +304,8 @@ class GenerationService:
                 self._serve(job)
             finally:
                 self._running = None
+                with self._admission:
+                    self._admitted -= 1
 
     def _serve(self, job: Job) -> None:
         if job.cancelled.is_set():
@@ -322,6 +341,14 @@ class GenerationService:
         except ContextFullError as error:
             job.emit("error", ApiError(400, str(error), None, "context_length_exceeded"))
             self.counters["failed"] += 1
+            return
+        except NonFiniteLogits as error:
+            # The model's output, not the engine, is broken: this request fails, the engine stays.
+            # What the failed steps left in the KV cache is not reused.
+            generator.reset()
+            self.log(f"dllama-api: a request failed: {error}")
+            self.counters["failed"] += 1
+            job.emit("error", ApiError(500, str(error), code="non_finite_logits"))
             return
         except Exception as error:  # noqa: BLE001
             # A broken engine (a worker died, a socket failed) or a bug: either way its state is

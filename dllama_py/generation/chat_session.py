@@ -10,11 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jinja2 import TemplateError
+
 from dllama_py.engine.engine import Engine
 from dllama_py.engine.sampler import Sampler
 from dllama_py.generation.generator import GenerationResult, Generator, TokenEvent
-from dllama_py.text.chat import end_of_turn_tokens, render_chat, resolve_template
+from dllama_py.text.chat import end_of_turn_tokens, render_chat, resolve_template, tool_support
 from dllama_py.text.tokenizer import Tokenizer
+from dllama_py.text.tool_calls import split_parallel_calls, tool_history_as_text, with_tools_system_prompt
 
 
 class ChatFormat:
@@ -35,10 +38,47 @@ class ChatFormat:
             return ""
         return self.tokenizer.id_to_piece(token_id).decode("utf-8", errors="replace")
 
-    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
+    @property
+    def renders_tools(self) -> bool:
+        """Whether the template itself offers tools and renders tool calls (else `render` writes
+        them as text: see `tools_system_prompt` in text/tool_calls.py)."""
+        support = tool_support(self.template)
+        return support.tools and support.tool_calls
+
+    def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """The conversation as the template writes it, `tools` offered to the model.
+
+        Messages are in transformers' shape: `tool_calls` with arguments as objects, `tool`
+        messages for results. A template with a place for tools renders all of it, as
+        transformers' apply_chat_template does; otherwise the tools are offered in the system
+        message and the calls and results are written as `<tool_call>` / `<tool_response>` text.
+        A template that takes one call per message gets parallel calls as consecutive messages."""
+        messages = list(messages)
+        support = tool_support(self.template)
+        if not self.renders_tools:
+            messages = tool_history_as_text(messages)
+            if tools:
+                messages = with_tools_system_prompt(messages, tools)
+            tools = None
+        elif not support.tool_results:
+            messages = tool_history_as_text(messages, calls=False)
+        try:
+            return self._render(messages, add_generation_prompt, tools)
+        except TemplateError:
+            if not any(len(m.get("tool_calls") or ()) > 1 for m in messages):
+                raise
+            return self._render(split_parallel_calls(messages), add_generation_prompt, tools)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+                tools: Sequence[dict[str, Any]] | None) -> str:
+        return render_chat(self.template, messages, add_generation_prompt, bos_token=self.bos_text,
+                           eos_token=self.eos_text, tools=list(tools) if tools else None)
+
+    def encode(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+               tools: Sequence[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of the rendered conversation (BOS once, special tokens as tokens)."""
-        text = render_chat(self.template, list(messages), add_generation_prompt,
-                           bos_token=self.bos_text, eos_token=self.eos_text)
+        text = self.render(messages, add_generation_prompt, tools)
         starts_with_bos = bool(self.bos_text) and text.startswith(self.bos_text)
         ids = self.tokenizer.encode(text, add_bos=self.tokenizer.add_bos and not starts_with_bos,
                                     parse_special=True)

@@ -3,13 +3,16 @@
 The environment mirrors transformers' renderer: an immutable sandbox with
 `trim_blocks=True, lstrip_blocks=True`, the `loopcontrols` extension, a `tojson` filter that
 keeps non-ASCII characters, and the globals `raise_exception(message)` and
-`strftime_now(format)`. Built-in templates (selectable by name) cover models whose `.t` file
-has no template: `llama2`, `llama3`, `chatml`, `deepseek3` and `none` (plain text).
+`strftime_now(format)`; like transformers it always passes `tools` and `documents` (None when
+not given). Built-in templates (selectable by name) cover models whose `.t` file has no
+template: `llama2`, `llama3`, `chatml`, `deepseek3` and `none` (plain text); none of them has a
+place for tools (see `tool_support`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -99,21 +102,80 @@ def render_chat(
     add_generation_prompt: bool = True,
     bos_token: str = "",
     eos_token: str = "",
+    tools: list[dict[str, Any]] | None = None,
+    documents: list[dict[str, Any]] | None = None,
     **kwargs: Any,
 ) -> str:
     """Render `messages` ([{'role': ..., 'content': ...}]) with a Jinja chat template.
 
-    `template` is the template text or a built-in name (see BUILTIN_TEMPLATES). Extra keyword
-    arguments (e.g. `enable_thinking=False`, `tools=[...]`, `date_string=...`) are passed to
-    the template as variables, as transformers' `apply_chat_template` does.
+    `template` is the template text or a built-in name (see BUILTIN_TEMPLATES). `tools` are
+    JSON schemas of functions (OpenAI's `{"type": "function", "function": {...}}` objects);
+    messages may carry `tool_calls` (arguments as objects) and `tool` results, as transformers
+    expects them. Extra keyword arguments (e.g. `enable_thinking=False`, `date_string=...`) are
+    passed to the template as variables, as transformers' `apply_chat_template` does.
     """
     text = BUILTIN_TEMPLATES.get(template, template)
     return compile_template(text).render(
         messages=messages,
+        tools=tools,
+        documents=documents,
         add_generation_prompt=add_generation_prompt,
         bos_token=bos_token,
         eos_token=eos_token,
         **kwargs,
+    )
+
+
+@dataclass(frozen=True)
+class ToolSupport:
+    """What a chat template does with tool calling, found by rendering probes."""
+
+    tools: bool  # it shows the model the `tools` it is given
+    tool_calls: bool  # it renders an assistant message's `tool_calls`
+    tool_results: bool  # it renders `tool` messages (the results)
+
+
+_PROBE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "dllama_probe_tool",
+        "description": "probe",
+        "parameters": {"type": "object", "properties": {"dllama_probe_arg": {"type": "string"}}},
+    },
+}
+
+
+def _probe(template: str, messages: list[dict[str, Any]], marker: str, **kwargs: Any) -> bool:
+    try:
+        return marker in render_chat(template, messages, True, **kwargs)
+    except Exception:  # noqa: BLE001 - a template that fails on the probe has no place for it
+        return False
+
+
+@lru_cache(maxsize=16)
+def tool_support(template: str) -> ToolSupport:
+    """Whether `template` (text or built-in name) renders tools, tool calls and tool results.
+
+    Probes, as llama.cpp does for its templates: a conversation is rendered with a made-up tool,
+    call or result, and looked for in the output."""
+    user = {"role": "user", "content": "dllama probe question"}
+    call = {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [
+            {
+                "id": "call_dllama_probe",
+                "type": "function",
+                "function": {"name": "dllama_probe_call", "arguments": {"dllama_probe_arg": "x"}},
+            }
+        ],
+    }
+    result = {"role": "tool", "tool_call_id": "call_dllama_probe", "content": "dllama_probe_result"}
+    return ToolSupport(
+        tools=_probe(template, [user], "dllama_probe_tool", tools=[_PROBE_TOOL]),
+        tool_calls=_probe(template, [user, call], "dllama_probe_call"),
+        tool_results=_probe(template, [user, call, result], "dllama_probe_result")
+        or _probe(template, [user, result], "dllama_probe_result"),
     )
 
 
