@@ -72,7 +72,7 @@ def attention(
 def moe_gate(logits: F32, k: int, normalize: bool = True) -> tuple[I32, F32]: ...
 def stream_read(data: U8) -> int: ...  # bandwidth probe
 
-# ---- network: the per-token sync layer (csrc/net.hpp) -----------------------------------
+# ---- network: the per-token sync layer (csrc/net/net.hpp) -------------------------------
 # Python connects and handshakes with `socket`, then hands the sockets over (sock.detach()).
 # Buffers are any C-contiguous, writable numpy array, used in place as raw bytes (no copies).
 

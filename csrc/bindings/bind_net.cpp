@@ -1,4 +1,4 @@
-// Bindings of the network layer (csrc/net.hpp). Buffers are numpy arrays used in place, as raw
+// Bindings of the network layer (csrc/net/net.hpp). Buffers are numpy arrays used in place, as raw
 // bytes; every network call releases the GIL. NetError becomes dllama_py._core.NetError, a
 // ConnectionError carrying .peer, .peer_name and .label.
 #include <pybind11/gil_safe_call_once.h>
@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "arrays.hpp"
-#include "net.hpp"
+#include "net/net.hpp"
 
 using dllama::Mesh;
 using dllama::NetError;

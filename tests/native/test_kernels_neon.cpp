@@ -18,11 +18,11 @@
 #include <string>
 #include <vector>
 
-#include "cpu_features.hpp"
-#include "kernels.hpp"
-#include "ops.hpp"
-#include "quants.hpp"
-#include "thread_pool.hpp"
+#include "kernels/cpu_features.hpp"
+#include "kernels/kernels.hpp"
+#include "kernels/quants.hpp"
+#include "kernels/thread_pool.hpp"
+#include "ops/ops.hpp"
 
 using namespace dllama;
 

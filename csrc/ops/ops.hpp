@@ -4,7 +4,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "quants.hpp"
+#include "kernels/quants.hpp"
 
 namespace dllama {
 

@@ -5,7 +5,7 @@
 #include <vector>
 
 #include "kernels.hpp"
-#include "ops.hpp"
+#include "ops/ops.hpp"
 #include "thread_pool.hpp"
 
 namespace dllama {
