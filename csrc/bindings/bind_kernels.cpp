@@ -7,6 +7,7 @@
 #include "kernels/cpu_features.hpp"
 #include "kernels/kernels.hpp"
 #include "kernels/thread_pool.hpp"
+#include "kernels/threaded.hpp"
 #include "ops/ops.hpp"
 
 using namespace dllama;

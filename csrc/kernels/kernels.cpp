@@ -5,8 +5,8 @@
 #include <vector>
 
 #include "kernels.hpp"
-#include "ops/ops.hpp"
 #include "thread_pool.hpp"
+#include "threaded.hpp"
 
 namespace dllama {
 

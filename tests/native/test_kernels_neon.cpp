@@ -22,7 +22,7 @@
 #include "kernels/kernels.hpp"
 #include "kernels/quants.hpp"
 #include "kernels/thread_pool.hpp"
-#include "ops/ops.hpp"
+#include "kernels/threaded.hpp"
 
 using namespace dllama;
 
@@ -207,7 +207,8 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
     const int kBlocks[] = {1, 3, 5, 17};
     const int kBatch[] = {1, 3, 7, 17};
     // The tables' kernels called directly need a PreparedQ80 with only `scale` when the table asks
-    // for no bias and no special layout (the neon table); others are tested through ops.hpp only.
+    // for no bias and no special layout (the neon table); others are tested through
+    // kernels/threaded.hpp only.
     const bool direct = t.q40_bias_offset == 0 && t.q80_bias_offset == 0 && !t.q40_split_layout &&
                         t.q40_lanes_min_batch == 0;
     for (int rows : kRows) {
@@ -315,7 +316,7 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
     std::printf("  matmul_f32_f16_f32  %4d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.f16.cases, ms.f16.worst);
     std::printf("  matmul_q80_q40_f32  %4d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.q40.cases, ms.q40.worst);
     std::printf("  matmul_q80_q80_f32  %4d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.q80.cases, ms.q80.worst);
-    if (!direct) std::printf("  (%s needs a bias or layout: matmuls checked through ops.hpp only)\n", t.name);
+    if (!direct) std::printf("  (%s needs a bias or layout: matmuls checked through kernels/threaded.hpp only)\n", t.name);
 }
 
 // ---- dot / axpy ----
