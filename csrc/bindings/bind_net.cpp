@@ -154,6 +154,15 @@ void bind_net(py::module_& m) {
             py::arg("peer"), py::arg("data"), py::arg("label") = "",
             "framed message (u32 LE length + payload) from any contiguous buffer")
         .def(
+            "broadcast_message",
+            [](Mesh& mesh, const py::object& data, const std::string& label) {
+                ReadBuffer view(data);
+                py::gil_scoped_release nogil;
+                mesh.broadcast_message(view.data(), view.size(), label);
+            },
+            py::arg("data"), py::arg("label") = "",
+            "root (node 0) only: one framed message to every peer at once; each reads it with recv_message(0, ...)")
+        .def(
             "recv_message",
             [](Mesh& mesh, int peer, int64_t max_bytes, const std::string& label) {
                 if (max_bytes < 0) throw py::value_error("max_bytes must not be negative");
