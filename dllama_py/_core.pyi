@@ -72,7 +72,7 @@ def attention(
 def moe_gate(logits: F32, k: int, normalize: bool = True) -> tuple[I32, F32]: ...
 def stream_read(data: U8) -> int: ...  # bandwidth probe
 
-# ---- network: the per-token sync layer (csrc/net.hpp) -----------------------------------
+# ---- network: the per-token sync layer (csrc/net/net.hpp) -------------------------------
 # Python connects and handshakes with `socket`, then hands the sockets over (sock.detach()).
 # Buffers are any C-contiguous, writable numpy array, used in place as raw bytes (no copies).
 
@@ -130,6 +130,9 @@ class Mesh:
         self, peer: int, data: bytes | bytearray | memoryview | np.ndarray, label: str = ""
     ) -> None: ...
     # framed: u32 little-endian length, then the payload (any contiguous buffer)
+    def broadcast_message(self, data: bytes | bytearray | memoryview | np.ndarray, label: str = "") -> None: ...
+    # root (node 0) only, ValueError elsewhere: one framed message to every peer, all progressing at
+    # once; each peer reads it with recv_message(0, ...) or recv_message_into(0, ...)
     def recv_message(self, peer: int, max_bytes: int, label: str = "") -> bytes: ...
     # a length above max_bytes is refused (NetError) before anything is allocated
     def recv_message_into(self, peer: int, buf: np.ndarray, label: str = "") -> int: ...

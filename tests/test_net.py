@@ -253,6 +253,120 @@ def test_recv_message_into_fills_a_preallocated_array(cluster_factory) -> None:
     np.testing.assert_array_equal(out, weights)
 
 
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_broadcast_message_reaches_every_peer_as_one_framed_message(cluster_factory, n: int) -> None:
+    big = np.random.default_rng(n).integers(0, 256, 3 * MB + 5, dtype=np.uint8)
+    messages = [b"x", bytearray(b"\x00\xff" * 1000), big]
+    cluster = cluster_factory(n)
+
+    def node(i: int, mesh: Mesh) -> list[bytes]:
+        if i == 0:
+            for m in messages:
+                mesh.broadcast_message(m, label="command")
+            return []
+        got = []
+        for m in messages:
+            if i % 2:  # odd peers read into a buffer, even ones get bytes
+                out = np.zeros(4 * MB, np.uint8)
+                length = mesh.recv_message_into(0, out, label="command")
+                got.append(out[:length].tobytes())
+            else:
+                got.append(mesh.recv_message(0, 4 * MB, label="command"))
+        return got
+
+    results = raise_failures(cluster.run(node))
+    for i in range(1, n):
+        assert results[i] == [bytes(m) for m in messages], f"node {i}"
+    framed = sum(4 + len(m) for m in messages)
+    assert cluster.meshes[0].bytes_sent == (n - 1) * framed  # one header + payload per peer
+    for i in range(1, n):
+        assert cluster.meshes[i].bytes_received == framed
+
+
+def test_broadcast_message_can_be_empty(cluster_factory) -> None:
+    cluster = cluster_factory(3)
+
+    def node(i: int, mesh: Mesh) -> Any:
+        if i == 0:
+            mesh.broadcast_message(b"", label="empty")
+            mesh.broadcast_message(np.zeros(0, np.float32))
+            return None
+        if i == 1:
+            return [mesh.recv_message(0, 0, label="empty"), mesh.recv_message(0, 10)]
+        return [mesh.recv_message_into(0, np.zeros(0, np.uint8)), mesh.recv_message_into(0, np.zeros(8, np.uint8))]
+
+    results = raise_failures(cluster.run(node))
+    assert results[1] == [b"", b""] and results[2] == [0, 0]
+    assert cluster.meshes[0].bytes_sent == 2 * 2 * 4  # two headers to each of two peers
+
+
+def test_broadcast_message_to_a_closed_peer_fails_as_send_message_does(cluster_factory) -> None:
+    # The same peer fault through send_message and through broadcast_message: a NetError
+    # (ConnectionError) naming the peer, its address and the label, with the same cause.
+    payload = np.ones(16 * MB, np.uint8)  # more than the socket buffers take
+    errors = {}
+    for op in ("send_message", "broadcast_message"):
+        cluster = cluster_factory(2, raw=(1,))
+        cluster.raw[1][0].close()
+        mesh = cluster.meshes[0]
+        t0 = time.perf_counter()
+        with pytest.raises(NetError) as info:
+            if op == "send_message":
+                mesh.send_message(1, payload, label="next command")
+            else:
+                mesh.broadcast_message(payload, label="next command")
+        assert time.perf_counter() - t0 < 1.0, f"{op} took too long to notice the closed peer"
+        error = info.value
+        assert isinstance(error, ConnectionError)
+        name = cluster.name_of(1, 0)
+        assert (error.peer, error.peer_name, error.label) == (1, name, "next command")
+        assert str(error).startswith(f"{op} 'next command' failed: node 1 ({name}): connection "), str(error)
+        # The cause after "node 1 (address): ", up to the errno text (EPIPE or ECONNRESET, by timing).
+        errors[op] = str(error).split(": ", 2)[2].split(":")[0]
+        assert mesh.closed
+    assert errors["broadcast_message"] == errors["send_message"] == "connection closed by peer while sending", errors
+
+
+def test_broadcast_message_fault_names_the_closed_peer_and_does_not_hang_the_others(cluster_factory) -> None:
+    cluster = cluster_factory(3, raw=(1,))
+    cluster.raw[1][0].close()
+    payload = np.ones(16 * MB, np.uint8)
+
+    def node(i: int, mesh: Mesh) -> Any:
+        if i == 0:
+            mesh.broadcast_message(payload, label="weights")
+            return None
+        return mesh.recv_message(0, 32 * MB, label="weights")
+
+    t0 = time.perf_counter()
+    results = cluster.run(node)
+    assert time.perf_counter() - t0 < 2.0
+    error = results[0]
+    assert isinstance(error, NetError) and error.peer == 1 and cluster.name_of(1, 0) in str(error), error
+    # Node 2 got the whole message before node 0 failed, or learnt of the failure from the dropped
+    # connection: never a partial message, never a wait for its timeout.
+    got = results[2]
+    assert got == payload.tobytes() if isinstance(got, bytes) else (isinstance(got, NetError) and got.peer == 0), got
+
+
+def test_broadcast_message_is_refused_on_a_non_root_node(cluster_factory) -> None:
+    cluster = cluster_factory(3)
+    for i in (1, 2):
+        refusal = rf"broadcast_message: only the root \(node 0\) sends it; node {i} reads it with recv_message"
+        with pytest.raises(ValueError, match=refusal):
+            cluster.meshes[i].broadcast_message(b"hello", label="command")
+        assert not cluster.meshes[i].closed and cluster.meshes[i].bytes_sent == 0
+
+    def node(i: int, mesh: Mesh) -> Any:  # the refusal left every mesh usable
+        if i == 0:
+            mesh.broadcast_message(b"still here")
+            return None
+        return mesh.recv_message(0, 100)
+
+    results = raise_failures(cluster.run(node))
+    assert results[1] == results[2] == b"still here"
+
+
 def test_message_longer_than_max_bytes_is_refused_without_allocating_it(cluster_factory) -> None:
     cluster = cluster_factory(2, raw=(1,))
     raw = cluster.raw[1][0]
@@ -565,6 +679,7 @@ def test_single_node_mesh_is_a_no_op() -> None:
     buf = np.arange(8, dtype=np.uint8)
     mesh.all_gather(buf, 8)
     mesh.broadcast(0, buf)
+    mesh.broadcast_message(b"to nobody")
     assert buf.tolist() == list(range(8)) and mesh.bytes_sent == 0
     mesh.close()
 

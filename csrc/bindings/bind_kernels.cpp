@@ -4,10 +4,11 @@
 #include <vector>
 
 #include "arrays.hpp"
-#include "cpu_features.hpp"
-#include "kernels.hpp"
-#include "ops.hpp"
-#include "thread_pool.hpp"
+#include "kernels/cpu_features.hpp"
+#include "kernels/kernels.hpp"
+#include "kernels/thread_pool.hpp"
+#include "kernels/threaded.hpp"
+#include "ops/ops.hpp"
 
 using namespace dllama;
 

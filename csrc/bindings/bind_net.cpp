@@ -1,4 +1,4 @@
-// Bindings of the network layer (csrc/net.hpp). Buffers are numpy arrays used in place, as raw
+// Bindings of the network layer (csrc/net/net.hpp). Buffers are numpy arrays used in place, as raw
 // bytes; every network call releases the GIL. NetError becomes dllama_py._core.NetError, a
 // ConnectionError carrying .peer, .peer_name and .label.
 #include <pybind11/gil_safe_call_once.h>
@@ -11,7 +11,7 @@
 #include <vector>
 
 #include "arrays.hpp"
-#include "net.hpp"
+#include "net/net.hpp"
 
 using dllama::Mesh;
 using dllama::NetError;
@@ -153,6 +153,15 @@ void bind_net(py::module_& m) {
             },
             py::arg("peer"), py::arg("data"), py::arg("label") = "",
             "framed message (u32 LE length + payload) from any contiguous buffer")
+        .def(
+            "broadcast_message",
+            [](Mesh& mesh, const py::object& data, const std::string& label) {
+                ReadBuffer view(data);
+                py::gil_scoped_release nogil;
+                mesh.broadcast_message(view.data(), view.size(), label);
+            },
+            py::arg("data"), py::arg("label") = "",
+            "root (node 0) only: one framed message to every peer at once; each reads it with recv_message(0, ...)")
         .def(
             "recv_message",
             [](Mesh& mesh, int peer, int64_t max_bytes, const std::string& label) {

@@ -31,7 +31,9 @@ fi
 # As CMakeLists.txt compiles the kernel library (at -O2). Warnings are errors in the NEON file,
 # the CPU detection and this test; the other sources are compiled quietly.
 COMMON=(-O2 -std=c++17 -pthread -fno-math-errno -fopenmp-simd -I"$SRC")
-BASE_SOURCES=(quants.cpp cpu_features.cpp thread_pool.cpp kernels.cpp kernels_scalar.cpp ops.cpp)
+# Paths under csrc/, as CMakeLists.txt lists them (net/ is not needed here).
+BASE_SOURCES=(kernels/quants.cpp kernels/cpu_features.cpp kernels/thread_pool.cpp kernels/kernels.cpp
+              kernels/kernels_scalar.cpp ops/ops.cpp)
 
 compile() {  # compiler out.o source flags...
     local cxx="$1" out="$2" src="$3" warn=(-w)
@@ -47,10 +49,11 @@ echo "== aarch64 cross build ($CROSS)"
 mkdir -p "$BUILD/arm"
 objs=()
 for s in "${BASE_SOURCES[@]}"; do
-    compile "$CROSS" "$BUILD/arm/${s%.cpp}.o" "$SRC/$s" -march=armv8-a -DDLLAMA_HAVE_NEON=1
-    objs+=("$BUILD/arm/${s%.cpp}.o")
+    o="$BUILD/arm/$(basename "${s%.cpp}").o"
+    compile "$CROSS" "$o" "$SRC/$s" -march=armv8-a -DDLLAMA_HAVE_NEON=1
+    objs+=("$o")
 done
-compile "$CROSS" "$BUILD/arm/kernels_neon.o" "$SRC/kernels_neon.cpp" -march=armv8.2-a+dotprod+fp16 -DDLLAMA_HAVE_NEON=1
+compile "$CROSS" "$BUILD/arm/kernels_neon.o" "$SRC/kernels/kernels_neon.cpp" -march=armv8.2-a+dotprod+fp16 -DDLLAMA_HAVE_NEON=1
 compile "$CROSS" "$BUILD/arm/test.o" "$TEST" -march=armv8-a -DDLLAMA_HAVE_NEON=1
 nice -n 10 "$CROSS" -static -pthread "${objs[@]}" "$BUILD/arm/kernels_neon.o" "$BUILD/arm/test.o" -o "$BUILD/test_arm"
 
@@ -71,21 +74,22 @@ case "$(uname -m)" in
     aarch64|arm64) defs=(-DDLLAMA_HAVE_NEON=1) ;;
 esac
 for s in "${BASE_SOURCES[@]}"; do
-    compile "$NATIVE" "$BUILD/native/${s%.cpp}.o" "$SRC/$s" "${defs[@]}"
-    objs+=("$BUILD/native/${s%.cpp}.o")
+    o="$BUILD/native/$(basename "${s%.cpp}").o"
+    compile "$NATIVE" "$o" "$SRC/$s" "${defs[@]}"
+    objs+=("$o")
 done
 
 case "$(uname -m)" in
     x86_64|amd64)
-        compile "$NATIVE" "$BUILD/native/kernels_avx2.o" "$SRC/kernels_avx2.cpp" "${defs[@]}" -mavx2 -mfma -mf16c
-        compile "$NATIVE" "$BUILD/native/kernels_avx512.o" "$SRC/kernels_avx512.cpp" "${defs[@]}" \
+        compile "$NATIVE" "$BUILD/native/kernels_avx2.o" "$SRC/kernels/kernels_avx2.cpp" "${defs[@]}" -mavx2 -mfma -mf16c
+        compile "$NATIVE" "$BUILD/native/kernels_avx512.o" "$SRC/kernels/kernels_avx512.cpp" "${defs[@]}" \
             -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq
-        compile "$NATIVE" "$BUILD/native/kernels_avx512vnni.o" "$SRC/kernels_avx512vnni.cpp" "${defs[@]}" \
+        compile "$NATIVE" "$BUILD/native/kernels_avx512vnni.o" "$SRC/kernels/kernels_avx512vnni.cpp" "${defs[@]}" \
             -mavx2 -mfma -mf16c -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni
         objs+=("$BUILD/native/kernels_avx2.o" "$BUILD/native/kernels_avx512.o" "$BUILD/native/kernels_avx512vnni.o")
         ;;
     aarch64|arm64)
-        compile "$NATIVE" "$BUILD/native/kernels_neon.o" "$SRC/kernels_neon.cpp" "${defs[@]}" -march=armv8.2-a+dotprod+fp16
+        compile "$NATIVE" "$BUILD/native/kernels_neon.o" "$SRC/kernels/kernels_neon.cpp" "${defs[@]}" -march=armv8.2-a+dotprod+fp16
         objs+=("$BUILD/native/kernels_neon.o")
         ;;
 esac

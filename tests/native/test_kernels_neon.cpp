@@ -13,16 +13,17 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <stdexcept>
 #include <string>
 #include <vector>
 
-#include "cpu_features.hpp"
-#include "kernels.hpp"
-#include "ops.hpp"
-#include "quants.hpp"
-#include "thread_pool.hpp"
+#include "kernels/cpu_features.hpp"
+#include "kernels/kernels.hpp"
+#include "kernels/quants.hpp"
+#include "kernels/thread_pool.hpp"
+#include "kernels/threaded.hpp"
 
 using namespace dllama;
 
@@ -199,17 +200,26 @@ std::vector<float> run_rows(int B, int rows, int r0, int r1, const char* what, F
 }
 
 struct MatmulStats {
-    ErrStat f32, f16, q40, q80;
+    ErrStat f32, f16, q40, q80, q40x16;
 };
+
+// The ParallelFor handed to the tables' prepare functions when their kernels are called directly:
+// [0, n) in ranges of 3 items, last first, on the calling thread. A prepare function must build the
+// same input from any split of its items.
+void chunked_for(size_t n, size_t work, const std::function<void(size_t, size_t)>& fn) {
+    for (size_t e = n; e > 0;) {
+        const size_t b = e > 3 ? e - 3 : 0;
+        fn(b, e);
+        e = b;
+    }
+}
 
 void test_matmuls(const KernelTable& t, MatmulStats& ms) {
     const int kRows[] = {13, 37};
     const int kBlocks[] = {1, 3, 5, 17};
     const int kBatch[] = {1, 3, 7, 17};
-    // The tables' kernels called directly need a PreparedQ80 with only `scale` when the table asks
-    // for no bias and no special layout (the neon table); others are tested through ops.hpp only.
-    const bool direct = t.q40_bias_offset == 0 && t.q80_bias_offset == 0 && !t.q40_split_layout &&
-                        t.q40_lanes_min_batch == 0;
+    // Each matmul runs through the threaded entry point (kernels/threaded.hpp) and, on a sub-range of
+    // rows, as the table's own prepare function and kernel called directly.
     for (int rows : kRows) {
         for (int nbk : kBlocks) {
             for (int B : kBatch) {
@@ -223,9 +233,6 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
                 quantize_q80_ref(xf.data(), xq.data(), xq.size());
                 std::vector<float> xdq(nx);
                 dequantize_q80_ref(xq.data(), xdq.data(), xq.size());
-                std::vector<float> xscale(xq.size());
-                for (size_t i = 0; i < xq.size(); i++) xscale[i] = f16_lut(xq[i].d);
-                const PreparedQ80 prep{xq.data(), xscale.data(), nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
 
                 // Q40 weights: random nibbles and scales.
                 std::vector<BlockQ40> w40(static_cast<size_t>(rows) * nbk);
@@ -244,12 +251,26 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
                     dllama::matmul_q80_q40_f32(xq.data(), w40.data(), o, B, rows, nbk);
                 });
                 compare("matmul_q80_q40_f32", t.name, y, y40_ref, S40, B, rows, 0, rows, cols, ms.q40);
-                if (direct) {
-                    y = run_rows(B, rows, r0, r1, "q40 direct", [&](float* o) {
-                        t.matmul_q80_q40_f32(prep, w40.data(), o, B, rows, nbk, r0, r1);
-                    });
-                    compare("matmul_q80_q40_f32 (rows 1..n-2)", t.name, y, y40_ref, S40, B, rows, r0, r1, cols, ms.q40);
-                }
+                y = run_rows(B, rows, r0, r1, "q40 direct", [&](float* o) {
+                    const PreparedQ80 p = t.prepare_q40(xq.data(), B, nbk, chunked_for);
+                    t.matmul_q80_q40_f32(p, w40.data(), o, B, rows, nbk, r0, r1);
+                });
+                compare("matmul_q80_q40_f32 (rows 1..n-2)", t.name, y, y40_ref, S40, B, rows, r0, r1, cols, ms.q40);
+
+                // The same Q40 weights regrouped 16 rows at a time.
+                const int groups = (rows + 15) / 16;
+                std::vector<BlockQ40x16> w16(static_cast<size_t>(groups) * nbk);
+                repack_q40x16(w40.data(), rows, nbk, w16.data());
+                y = run_rows(B, rows, 0, rows, "q40x16", [&](float* o) {
+                    dllama::matmul_q80_q40x16_f32(xq.data(), w16.data(), o, B, rows, nbk);
+                });
+                compare("matmul_q80_q40x16_f32", t.name, y, y40_ref, S40, B, rows, 0, rows, cols, ms.q40x16);
+                y = run_rows(B, rows, 16, rows, "q40x16 direct", [&](float* o) {
+                    const PreparedQ80 p = t.prepare_q40x16(xq.data(), B, nbk, chunked_for);
+                    t.matmul_q80_q40x16_f32(p, w16.data(), o, B, rows, nbk, 1, groups);
+                });
+                compare("matmul_q80_q40x16_f32 (groups 1..)", t.name, y, y40_ref, S40, B, rows, 16, rows, cols,
+                        ms.q40x16);
 
                 // Q80 weights: int8 in [-127, 127] as the quantizer makes them.
                 std::vector<BlockQ80> w80(static_cast<size_t>(rows) * nbk);
@@ -268,12 +289,11 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
                     dllama::matmul_q80_q80_f32(xq.data(), w80.data(), o, B, rows, nbk);
                 });
                 compare("matmul_q80_q80_f32", t.name, y, y80_ref, S80, B, rows, 0, rows, cols, ms.q80);
-                if (direct) {
-                    y = run_rows(B, rows, r0, r1, "q80 direct", [&](float* o) {
-                        t.matmul_q80_q80_f32(prep, w80.data(), o, B, rows, nbk, r0, r1);
-                    });
-                    compare("matmul_q80_q80_f32 (rows 1..n-2)", t.name, y, y80_ref, S80, B, rows, r0, r1, cols, ms.q80);
-                }
+                y = run_rows(B, rows, r0, r1, "q80 direct", [&](float* o) {
+                    const PreparedQ80 p = t.prepare_q80(xq.data(), B, nbk, chunked_for);
+                    t.matmul_q80_q80_f32(p, w80.data(), o, B, rows, nbk, r0, r1);
+                });
+                compare("matmul_q80_q80_f32 (rows 1..n-2)", t.name, y, y80_ref, S80, B, rows, r0, r1, cols, ms.q80);
 
                 // Float weights, at the block-multiple width and at ragged widths.
                 for (int fc : {cols, cols + 3, cols - 7 > 0 ? cols - 7 : 5}) {
@@ -315,7 +335,8 @@ void test_matmuls(const KernelTable& t, MatmulStats& ms) {
     std::printf("  matmul_f32_f16_f32  %4d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.f16.cases, ms.f16.worst);
     std::printf("  matmul_q80_q40_f32  %4d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.q40.cases, ms.q40.worst);
     std::printf("  matmul_q80_q80_f32  %4d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.q80.cases, ms.q80.worst);
-    if (!direct) std::printf("  (%s needs a bias or layout: matmuls checked through ops.hpp only)\n", t.name);
+    std::printf("  matmul_q80_q40x16_f32 %2d cases, worst |y - scalar| / sum|x||w| = %.2e\n", ms.q40x16.cases,
+                ms.q40x16.worst);
 }
 
 // ---- dot / axpy ----
@@ -400,8 +421,7 @@ int main(int argc, char** argv) {
             if (isa == "scalar") continue;
             set_isa(isa);
             const KernelTable& t = active_kernels();
-            std::printf("%s vs scalar (q40 bias %d, q80 bias %d, split %d, lanes from B=%d):\n", t.name,
-                        t.q40_bias_offset, t.q80_bias_offset, t.q40_split_layout ? 1 : 0, t.q40_lanes_min_batch);
+            std::printf("%s vs scalar (own Q40x16 kernel: %s):\n", t.name, t.q40x16_fast ? "yes" : "no");
             test_quantize(ref, t);
             MatmulStats ms;
             test_matmuls(t, ms);

@@ -536,6 +536,33 @@ void Mesh::send_message(int peer, const uint8_t* data, size_t n, const std::stri
     run(transfers, "send_message", label);
 }
 
+void Mesh::broadcast_message(const uint8_t* data, size_t n, const std::string& label) {
+    std::lock_guard<std::mutex> lock(op_mutex_);
+    if (node_index_ != 0)
+        throw std::invalid_argument("broadcast_message: only the root (node 0) sends it; node " +
+                                    std::to_string(node_index_) + " reads it with recv_message(0, ...)");
+    if (n > 0xFFFFFFFFu)
+        throw std::invalid_argument("broadcast_message: " + std::to_string(n) +
+                                    " bytes do not fit the u32 length header");
+    check_usable("broadcast_message", label);
+    uint8_t header[4];
+    for (int i = 0; i < 4; i++) header[i] = static_cast<uint8_t>(n >> (8 * i));
+    // Every peer gets its own progress over the same header and payload, so one slow peer does
+    // not hold the others back.
+    std::vector<Transfer>& transfers = transfers_;
+    transfers.clear();
+    for (int p = 1; p < n_nodes_; p++) {
+        Transfer t;
+        t.peer = p;
+        t.send_data[0] = header;
+        t.send_len[0] = 4;
+        t.send_data[1] = data;
+        t.send_len[1] = n;
+        transfers.push_back(t);
+    }
+    run(transfers, "broadcast_message", label);
+}
+
 size_t Mesh::recv_length(int peer, size_t max_bytes, const char* op, const std::string& label) {
     uint8_t header[4];
     std::vector<Transfer>& transfers = transfers_;

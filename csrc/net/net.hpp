@@ -79,6 +79,11 @@ public:
 
     // Framed messages: u32 little-endian payload length, then the payload.
     void send_message(int peer, const uint8_t* data, size_t n, const std::string& label);
+    // The root (node 0) sends one framed message to every peer, all of them progressing at once in
+    // one run of the transfer loop as in the collectives; each peer reads it with
+    // recv_message(0, ...) or recv_message_into(0, ...). Refused (std::invalid_argument, the Mesh
+    // stays usable) on any other node.
+    void broadcast_message(const uint8_t* data, size_t n, const std::string& label);
     // Refuses (NetError, no allocation) a length above max_bytes.
     std::vector<uint8_t> recv_message(int peer, size_t max_bytes, const std::string& label);
     // Receives one message into buf (at most capacity bytes, else refused); returns its length.

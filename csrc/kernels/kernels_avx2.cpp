@@ -5,12 +5,63 @@
 #include <cmath>
 
 #include <cstring>
+#include <vector>
 
 #include "kernels.hpp"
 
 namespace dllama {
 namespace avx2 {
 namespace {
+
+#include "prepare_impl.hpp"
+
+// ---- the input, as this path's kernels read it (PreparedQ80::layout) ----
+
+// Q40 and Q80 weights: the blocks' scales as floats and, for Q40, 8 biases per block
+// (lane_biases with offset 8): the nibbles go into vpmaddubsw unsigned, 0..15 instead of -8..7.
+// Q80 weights need no bias: their signs move onto x (vpsignb).
+struct Input {
+    const BlockQ80* blocks;  // [B][nb]
+    const float* scale;      // [B][nb]
+    const int32_t* bias;     // [B][nb][8] for Q40 weights, else null
+};
+// Q40x16 weights: the scales and each block's value sum (the same +8 undone for a whole block).
+struct InputX16 {
+    const BlockQ80* blocks;    // [B][nb]
+    const float* scale;        // [B][nb]
+    const int32_t* block_sum;  // [B][nb]
+};
+
+// Per-thread scratch of the prepare functions, grown to the largest batch seen.
+struct Scratch {
+    std::vector<float> scale;
+    std::vector<int32_t> ints;  // biases or block sums
+    Input in;
+    InputX16 x16;
+};
+thread_local Scratch t_scratch;
+
+PreparedQ80 prepare_q40(const BlockQ80* x, int B, int nb, ParallelFor parallel) {
+    Scratch& s = t_scratch;
+    const size_t n = static_cast<size_t>(B) * nb;
+    s.in.blocks = x;
+    s.in.scale = block_scales(x, n, s.scale);
+    s.in.bias = lane_biases(x, n, 8, s.ints, parallel);
+    return PreparedQ80{x, &s.in};
+}
+
+PreparedQ80 prepare_q80(const BlockQ80* x, int B, int nb, ParallelFor parallel) {
+    Scratch& s = t_scratch;
+    s.in = Input{x, block_scales(x, static_cast<size_t>(B) * nb, s.scale), nullptr};
+    return PreparedQ80{x, &s.in};
+}
+
+PreparedQ80 prepare_q40x16(const BlockQ80* x, int B, int nb, ParallelFor parallel) {
+    Scratch& s = t_scratch;
+    const size_t n = static_cast<size_t>(B) * nb;
+    s.x16 = InputX16{x, block_scales(x, n, s.scale), block_sums(x, n, s.ints)};
+    return PreparedQ80{x, &s.x16};
+}
 
 inline __m256i madd_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
@@ -49,7 +100,7 @@ inline WeightBlock load_weight(const char* wrow, int k) {
 }
 
 template <bool Q80W, int RT, int BT>
-inline void tile(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* y, int rows, int nb, int r, int b) {
+inline void tile(const Input& x, const char* w, size_t wrow_bytes, float* y, int rows, int nb, int r, int b) {
     __m256 acc[RT][BT];
     for (int i = 0; i < RT; i++)
         for (int j = 0; j < BT; j++) acc[i][j] = _mm256_setzero_ps();
@@ -81,7 +132,7 @@ inline void tile(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* 
 }
 
 template <bool Q80W, int RT, int BT>
-inline void rows_loop(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* y, int B, int rows, int nb,
+inline void rows_loop(const Input& x, const char* w, size_t wrow_bytes, float* y, int B, int rows, int nb,
                       int r0, int r1) {
     int r = r0;
     for (; r + RT <= r1; r += RT) {
@@ -94,7 +145,8 @@ inline void rows_loop(const PreparedQ80& x, const char* w, size_t wrow_bytes, fl
 }
 
 template <bool Q80W, typename WBlock>
-void matmul_q80(const PreparedQ80& x, const WBlock* w, float* y, int B, int rows, int nb, int r0, int r1) {
+void matmul_q80(const PreparedQ80& p, const WBlock* w, float* y, int B, int rows, int nb, int r0, int r1) {
+    const Input& x = *static_cast<const Input*>(p.layout);
     const char* wb = reinterpret_cast<const char*>(w);
     const size_t wrow = sizeof(WBlock) * static_cast<size_t>(nb);
     if (B == 1) rows_loop<Q80W, 4, 1>(x, wb, wrow, y, B, rows, nb, r0, r1);
@@ -104,7 +156,7 @@ void matmul_q80(const PreparedQ80& x, const WBlock* w, float* y, int B, int rows
 
 // ---- Q40x16 weights: 8 weight rows per register, two halves per group of 16 ----
 template <int BT>
-inline void tile_q40x16(const PreparedQ80& x, const BlockQ40x16* w, float* y, int rows, int nb, int g, int half,
+inline void tile_q40x16(const InputX16& x, const BlockQ40x16* w, float* y, int rows, int nb, int g, int half,
                         int b) {
     __m256 acc[BT];
     for (int j = 0; j < BT; j++) acc[j] = _mm256_setzero_ps();
@@ -147,8 +199,9 @@ inline void tile_q40x16(const PreparedQ80& x, const BlockQ40x16* w, float* y, in
     }
 }
 
-void matmul_q80_q40x16_f32(const PreparedQ80& x, const BlockQ40x16* w, float* y, int B, int rows, int nb, int g0,
+void matmul_q80_q40x16_f32(const PreparedQ80& p, const BlockQ40x16* w, float* y, int B, int rows, int nb, int g0,
                            int g1) {
+    const InputX16& x = *static_cast<const InputX16*>(p.layout);
     for (int g = g0; g < g1; g++) {
         for (int half = 0; half < 2 && 16 * g + 8 * half < rows; half++) {
             int b = 0;
@@ -244,8 +297,8 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
 #include "attention_impl.hpp"
 
 const KernelTable kTable = {
-    "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    matmul_q80_q40x16_f32, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 8, 0, false, 0, true,
+    "avx2", matmul_f32_f32_f32, matmul_f32_f16_f32, prepare_q40, matmul_q80_q40_f32, prepare_q80, matmul_q80_q80_f32,
+    prepare_q40x16, matmul_q80_q40x16_f32, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, true,
 };
 
 }  // namespace

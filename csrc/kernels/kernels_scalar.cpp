@@ -23,6 +23,8 @@ float dot_q80_q80_block(const BlockQ80& x, const BlockQ80& w) {
     return static_cast<float>(sum) * f16_lut(w.d) * f16_lut(x.d);
 }
 
+PreparedQ80 prepare_blocks(const BlockQ80* x, int B, int nb, ParallelFor parallel) { return PreparedQ80{x, nullptr}; }
+
 void matmul_q80_q40x16_ref(const PreparedQ80& x, const BlockQ40x16* w, float* y, int B, int rows, int nb, int g0,
                            int g1) {
     for (int g = g0; g < g1; g++) {
@@ -98,18 +100,17 @@ const KernelTable kTable = {
     "scalar",
     matmul_f32_f32_f32,
     matmul_f32_f16_f32,
+    prepare_blocks,
     matmul_q80<BlockQ40, dot_q80_q40_block>,
+    prepare_blocks,
     matmul_q80<BlockQ80, dot_q80_q80_block>,
+    prepare_blocks,
     matmul_q80_q40x16_ref,
     quantize_q80_ref,
     dot_f32,
     axpy_f32,
     attention_group,
     silu_f32,
-    0,
-    0,
-    false,
-    0,
     false,
 };
 

@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels.hpp"
-#include "thread_pool.hpp"
+#include "kernels/kernels.hpp"
+#include "kernels/thread_pool.hpp"
 
 namespace dllama {
 

@@ -2,7 +2,8 @@
 // -march=armv8.2-a+dotprod+fp16 and offered only when the CPU reports asimddp (cpu_features.cpp).
 //
 // Integer dot products are signed x signed (vdotq_s32): Q40 nibbles become int8 by subtracting 8,
-// Q80 weights are used as they are, so the table asks for no bias and no special input layout.
+// Q80 weights are used as they are, so the input needs no bias and no special layout: its
+// prepare functions only turn the blocks' fp16 scales into floats.
 //
 // The matmuls work on tiles of up to 4 output rows x up to 4 batch rows. Per block, the 4 rows'
 // int32 partial sums are folded with pairwise adds into one vector whose lane i is row i, scaled
@@ -14,12 +15,34 @@
 
 #include <cfloat>
 #include <cstring>
+#include <vector>
 
 #include "kernels.hpp"
 
 namespace dllama {
 namespace neon {
 namespace {
+
+#include "prepare_impl.hpp"
+
+// The input of the Q40 and Q80 matmuls (PreparedQ80::layout).
+struct Input {
+    const BlockQ80* blocks;  // [B][nb]
+    const float* scale;      // [B][nb] the blocks' fp16 scales as f32
+};
+
+// Per-thread scratch of the prepare function, grown to the largest batch seen.
+struct Scratch {
+    std::vector<float> scale;
+    Input in;
+};
+thread_local Scratch t_scratch;
+
+PreparedQ80 prepare_scales(const BlockQ80* x, int B, int nb, ParallelFor parallel) {
+    Scratch& s = t_scratch;
+    s.in = Input{x, block_scales(x, static_cast<size_t>(B) * nb, s.scale)};
+    return PreparedQ80{x, &s.in};
+}
 
 // Bytes ahead of the current block that each weight row is prefetched (as the x86 paths do).
 constexpr int kPrefetchAhead = 2048;
@@ -83,7 +106,7 @@ inline uint16_t weight_scale_bits(const char* wrow, int k) {
 
 // RT output rows (1..4) x BT batch rows, starting at output row r and batch row b.
 template <bool Q80W, int RT, int BT>
-inline void tile(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* y, int rows, int nb, int r, int b) {
+inline void tile(const Input& x, const char* w, size_t wrow_bytes, float* y, int rows, int nb, int r, int b) {
     constexpr size_t kBlockBytes = Q80W ? sizeof(BlockQ80) : sizeof(BlockQ40);
     const char* wr[RT];
     DLLAMA_UNROLL
@@ -130,7 +153,7 @@ inline void tile(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* 
 }
 
 template <bool Q80W, int RT>
-inline void batch_loop(const PreparedQ80& x, const char* w, size_t wrow_bytes, float* y, int B, int rows, int nb,
+inline void batch_loop(const Input& x, const char* w, size_t wrow_bytes, float* y, int B, int rows, int nb,
                        int r) {
     int b = 0;
     for (; b + 4 <= B; b += 4) tile<Q80W, RT, 4>(x, w, wrow_bytes, y, rows, nb, r, b);
@@ -139,7 +162,8 @@ inline void batch_loop(const PreparedQ80& x, const char* w, size_t wrow_bytes, f
 }
 
 template <bool Q80W, typename WBlock>
-void matmul_q80(const PreparedQ80& x, const WBlock* w, float* y, int B, int rows, int nb, int r0, int r1) {
+void matmul_q80(const PreparedQ80& p, const WBlock* w, float* y, int B, int rows, int nb, int r0, int r1) {
+    const Input& x = *static_cast<const Input*>(p.layout);
     const char* wb = reinterpret_cast<const char*>(w);
     const size_t wrow = sizeof(WBlock) * static_cast<size_t>(nb);
     int r = r0;
@@ -289,8 +313,9 @@ void axpy_f32(float a, const float* x, float* y, int n) {
 #include "attention_impl.hpp"
 
 const KernelTable kTable = {
-    "neon", matmul_f32_f32_f32, matmul_f32_f16_f32, matmul_q80_q40_f32, matmul_q80_q80_f32,
-    matmul_q80_q40x16_ref, quantize_q80, dot_f32, axpy_f32, attention_group, silu_f32, 0, 0, false, 0, false,
+    "neon", matmul_f32_f32_f32, matmul_f32_f16_f32, prepare_scales, matmul_q80_q40_f32, prepare_scales,
+    matmul_q80_q80_f32, prepare_blocks, matmul_q80_q40x16_ref, quantize_q80, dot_f32, axpy_f32, attention_group,
+    silu_f32, false,
 };
 
 }  // namespace

@@ -1,12 +1,13 @@
 // Threaded entry points for quantization and matmul: split the work over the pool and call
-// the active SIMD path.
+// the active SIMD path. A quantized matmul asks the path's table to prepare its input (the
+// layout is the path's business), then splits the output rows over the pool.
 #include <algorithm>
 #include <cstring>
 #include <vector>
 
 #include "kernels.hpp"
-#include "ops.hpp"
 #include "thread_pool.hpp"
+#include "threaded.hpp"
 
 namespace dllama {
 
@@ -38,93 +39,10 @@ void parallel_blocks(size_t n_blocks, size_t work, F&& fn) {
     });
 }
 
-// Per-caller scratch for prepared Q80 inputs, grown once to the largest batch seen.
-struct PrepScratch {
-    std::vector<float> scale;
-    std::vector<int32_t> bias;
-    std::vector<int8_t> split;
-    std::vector<int8_t> lanes;
-    std::vector<int32_t> lane_bias;
-    std::vector<float> lane_scale;
-};
-thread_local PrepScratch t_prep;
-
-void prepare_lanes(const BlockQ80* x, int B, int nb, PrepScratch& s, PreparedQ80& p) {
-    const int groups = (B + 15) / 16;
-    const size_t cells = static_cast<size_t>(groups) * nb;
-    if (s.lanes.size() < cells * 512) s.lanes.resize(cells * 512);
-    if (s.lane_bias.size() < cells * 16) s.lane_bias.resize(cells * 16);
-    if (s.lane_scale.size() < cells * 16) s.lane_scale.resize(cells * 16);
-    int8_t* lanes = s.lanes.data();
-    int32_t* lane_bias = s.lane_bias.data();
-    float* lane_scale = s.lane_scale.data();
-    // Over (group, block) cells: each cell is written whole, padding rows as zeros.
-    parallel_blocks(cells, cells * 16 * QK, [&](size_t c0, size_t c1) {
-        for (size_t cell = c0; cell < c1; cell++) {
-            const int g = static_cast<int>(cell / nb), k = static_cast<int>(cell % nb);
-            int8_t* dst = lanes + cell * 512;
-            for (int lane = 0; lane < 16; lane++) {
-                const int b = g * 16 + lane;
-                if (b >= B) {
-                    for (int c = 0; c < 8; c++) std::memset(dst + c * 64 + lane * 4, 0, 4);
-                    lane_bias[cell * 16 + lane] = 0;
-                    lane_scale[cell * 16 + lane] = 0.0f;
-                    continue;
-                }
-                const BlockQ80& blk = x[static_cast<size_t>(b) * nb + k];
-                int sum = 0;
-                for (int c = 0; c < 8; c++) {
-                    std::memcpy(dst + c * 64 + lane * 4, blk.qs + 4 * c, 4);
-                    sum += blk.qs[4 * c] + blk.qs[4 * c + 1] + blk.qs[4 * c + 2] + blk.qs[4 * c + 3];
-                }
-                lane_bias[cell * 16 + lane] = -8 * sum;
-                lane_scale[cell * 16 + lane] = f16_lut(blk.d);
-            }
-        }
-    });
-    p.lanes = lanes;
-    p.lane_bias = lane_bias;
-    p.lane_scale = lane_scale;
-}
-
-PreparedQ80 prepare_q80(const BlockQ80* x, int B, int nb, int offset, bool split_layout, int lanes_min_batch = 0) {
-    PrepScratch& s = t_prep;
-    const size_t total = static_cast<size_t>(B) * nb;
-    if (s.scale.size() < total) s.scale.resize(total);
-    float* scale = s.scale.data();
-    for (size_t i = 0; i < total; i++) scale[i] = f16_lut(x[i].d);
-    PreparedQ80 p{x, scale, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr};
-    if (lanes_min_batch > 0 && B >= lanes_min_batch) {
-        prepare_lanes(x, B, nb, s, p);
-        return p;
-    }
-    if (offset == 0) return p;
-    const int lanes = split_layout ? 4 : 8;
-    if (s.bias.size() < total * lanes) s.bias.resize(total * lanes);
-    int32_t* bias = s.bias.data();
-    const int groups = nb / 4;
-    if (split_layout && s.split.size() < static_cast<size_t>(B) * groups * 128)
-        s.split.resize(static_cast<size_t>(B) * groups * 128);
-    int8_t* split = s.split.data();
-    parallel_blocks(total, total * QK * 4, [&](size_t i0, size_t i1) {
-        for (size_t i = i0; i < i1; i++) {
-            const int8_t* q = x[i].qs;
-            for (int l = 0; l < lanes; l++) {
-                int sum = q[4 * l] + q[4 * l + 1] + q[4 * l + 2] + q[4 * l + 3];
-                if (split_layout) sum += q[16 + 4 * l] + q[16 + 4 * l + 1] + q[16 + 4 * l + 2] + q[16 + 4 * l + 3];
-                bias[i * lanes + l] = -offset * sum;
-            }
-            const size_t b = i / nb, k = i % nb;
-            if (split_layout && static_cast<int>(k) < groups * 4) {
-                int8_t* dst = split + (b * groups + k / 4) * 128;
-                std::memcpy(dst + 16 * (k % 4), q, 16);
-                std::memcpy(dst + 64 + 16 * (k % 4), q + 16, 16);
-            }
-        }
-    });
-    p.bias = bias;
-    if (split_layout) p.split = split;
-    return p;
+// The pool as the tables' prepare functions get it (ParallelFor): each builds its own input
+// layout, over the pool when it is large enough.
+void parallel_prepare(size_t n, size_t work, const std::function<void(size_t, size_t)>& fn) {
+    parallel_blocks(n, work, fn);
 }
 
 // Split output rows over the pool in multiples of 4 (the SIMD row tile).
@@ -181,9 +99,8 @@ void matmul_f32_f16_f32(const float* x, const uint16_t* w, float* y, int B, int 
 void matmul_q80_many(const BlockQ80* x, int B, int n_blocks, bool q80_weights, int n_mats, const void* const* ws,
                      float* const* ys, const int* rows) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = q80_weights ? prepare_q80(x, B, n_blocks, k.q80_bias_offset, false)
-                                      : prepare_q80(x, B, n_blocks, k.q40_bias_offset, k.q40_split_layout,
-                                                    k.q40_lanes_min_batch);
+    const PreparedQ80 p = q80_weights ? k.prepare_q80(x, B, n_blocks, parallel_prepare)
+                                      : k.prepare_q40(x, B, n_blocks, parallel_prepare);
     int total = 0;
     for (int m = 0; m < n_mats; m++) total += rows[m];
     // One pass over the rows of every matrix, split over the pool as if they were one matrix.
@@ -201,23 +118,6 @@ void matmul_q80_many(const BlockQ80* x, int B, int n_blocks, bool q80_weights, i
         }
     };
     parallel_rows(total, static_cast<size_t>(total) * n_blocks * QK, run);
-}
-
-// Scales and block sums of the input for Q40x16 weights.
-PreparedQ80 prepare_q80_x16(const BlockQ80* x, int B, int nb) {
-    PrepScratch& s = t_prep;
-    const size_t total = static_cast<size_t>(B) * nb;
-    if (s.scale.size() < total) s.scale.resize(total);
-    if (s.bias.size() < total) s.bias.resize(total);
-    float* scale = s.scale.data();
-    int32_t* sums = s.bias.data();
-    for (size_t i = 0; i < total; i++) {
-        scale[i] = f16_lut(x[i].d);
-        int sum = 0;
-        for (int j = 0; j < QK; j++) sum += x[i].qs[j];
-        sums[i] = sum;
-    }
-    return PreparedQ80{x, scale, nullptr, nullptr, nullptr, nullptr, nullptr, sums};
 }
 
 namespace {
@@ -259,7 +159,7 @@ void repack_q40x16_inplace(BlockQ40* w, int rows, int nb) {
 
 void matmul_q80_q40x16_f32(const BlockQ80* x, const BlockQ40x16* w, float* y, int B, int rows, int n_blocks) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = prepare_q80_x16(x, B, n_blocks);
+    const PreparedQ80 p = k.prepare_q40x16(x, B, n_blocks, parallel_prepare);
     const int groups = (rows + 15) / 16;
     ThreadPool& pool = global_pool();
     if (pool.size() == 1 || static_cast<size_t>(rows) * n_blocks * QK < 16384) {
@@ -275,13 +175,13 @@ void matmul_q80_q40x16_f32(const BlockQ80* x, const BlockQ40x16* w, float* y, in
 
 void matmul_q80_q40_f32(const BlockQ80* x, const BlockQ40* w, float* y, int B, int rows, int n_blocks) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = prepare_q80(x, B, n_blocks, k.q40_bias_offset, k.q40_split_layout, k.q40_lanes_min_batch);
+    const PreparedQ80 p = k.prepare_q40(x, B, n_blocks, parallel_prepare);
     parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
                   [&](int r0, int r1) { k.matmul_q80_q40_f32(p, w, y, B, rows, n_blocks, r0, r1); });
 }
 void matmul_q80_q80_f32(const BlockQ80* x, const BlockQ80* w, float* y, int B, int rows, int n_blocks) {
     const KernelTable& k = active_kernels();
-    const PreparedQ80 p = prepare_q80(x, B, n_blocks, k.q80_bias_offset, false);
+    const PreparedQ80 p = k.prepare_q80(x, B, n_blocks, parallel_prepare);
     parallel_rows(rows, static_cast<size_t>(rows) * n_blocks * QK,
                   [&](int r0, int r1) { k.matmul_q80_q80_f32(p, w, y, B, rows, n_blocks, r0, r1); });
 }
