@@ -87,12 +87,10 @@ class ClusterTransport:
     def send_step(self, readout: Readout, position: int, x: np.ndarray) -> None:
         limit = readout.vocab_limit or self.plan.config.vocab_size
         message = p.Step(readout.mode, readout.all_rows, position, readout.temperature, limit, x).encode()
-        for node in range(1, self.plan.n_nodes):
-            self.mesh.send_message(node, message, f"sending step at position {position}")
+        self.mesh.broadcast_message(message, f"sending step at position {position}")
 
     def send_logits_request(self) -> None:
-        for node in range(1, self.plan.n_nodes):
-            self.mesh.send_message(node, p.SendLogits().encode(), "asking for logits")
+        self.mesh.broadcast_message(p.SendLogits().encode(), "asking for logits")
 
     def gather(self, part: bytes, offsets: list[int], sizes: list[int], label: str) -> np.ndarray:
         buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
