@@ -13,7 +13,7 @@ const ui = {
 
 let conversation = [];   // [{role, content}] sent with every request
 let running = null;      // AbortController of the generation in flight
-let modelId = "dllama";
+let modelId = null;  // from /v1/models; until then requests name no model (the server's own)
 
 ui.apiKey.value = localStorage.getItem("dllama-api-key") || "";
 ui.apiKey.addEventListener("change", () => {
@@ -117,7 +117,7 @@ async function send(text) {
   const controller = new AbortController();
   setRunning(controller);
 
-  const request = { model: modelId, messages: turns, stream: true,
+  const request = { ...(modelId ? { model: modelId } : {}), messages: turns, stream: true,
                     stream_options: { include_usage: true } };
   if (ui.temperature.value !== "") request.temperature = Number(ui.temperature.value);
   if (ui.maxTokens.value !== "") request.max_tokens = Number(ui.maxTokens.value);
