@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 import pytest
+from api_support import ApiServer, make_stories_files
 from cluster_helpers import WorkerProcess
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -55,3 +56,19 @@ def workers():
 @pytest.fixture(scope="module")
 def reference(testdata: Path) -> list[dict]:
     return json.loads((testdata / "reference" / "stories260K_greedy.json").read_text())["results"]
+
+
+# ---- dllama-api over stories260K (tests/api_support.py) -----------------------------------------
+
+@pytest.fixture(scope="session")
+def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
+    """stories260K's model and tokenizer files, for API servers."""
+    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
+
+
+@pytest.fixture(scope="module")
+def server(stories_files, tmp_path_factory):
+    """A dllama-api process over stories260K, one per test module."""
+    api = ApiServer(*stories_files, tmp_path_factory.mktemp("api_logs") / "api.log")
+    yield api
+    api.stop()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,7 +16,6 @@ from api_support import (
     ApiServer,
     Worker,
     free_port,
-    make_stories_files,
     reference_completion,
     sse_events,
 )
@@ -28,10 +26,6 @@ from dllama_py.text.tokenizer import Tokenizer
 
 STORY = "Once upon a time"
 
-
-@pytest.fixture(scope="session")
-def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
-    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
 
 
 @pytest.fixture(scope="session")

@@ -5,17 +5,11 @@ an error, /health and new requests say 503 while it is gone, and the server reco
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from api_support import ApiServer, Worker, free_port, make_stories_files
-
-
-@pytest.fixture(scope="module")
-def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
-    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
+from api_support import ApiServer, Worker, free_port
 
 
 def test_worker_death_ends_the_request_then_the_server_reconnects(stories_files, tmp_path):

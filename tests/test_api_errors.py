@@ -5,27 +5,16 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
-from api_support import ApiServer, make_stories_files
+from api_support import ApiServer
 
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
 
 
-@pytest.fixture(scope="module")
-def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
-    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
-
-
-@pytest.fixture(scope="module")
-def server(stories_files, tmp_path_factory):
-    api = ApiServer(*stories_files, tmp_path_factory.mktemp("api_logs") / "api.log")
-    yield api
-    api.stop()
 
 
 @pytest.fixture(scope="module")

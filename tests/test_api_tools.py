@@ -19,7 +19,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from api_support import ApiServer, free_port, make_stories_files
+from api_support import free_port
 from dllama_py.converter.convert_tokenizer import convert
 from test_tool_calls import TOOLS, transformers_render
 
@@ -412,16 +412,6 @@ def test_langchain_bind_tools_round_trip(qwen):
 # ---- the real dllama-api process ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stories_files(testdata: Path, tmp_path_factory) -> tuple[Path, Path]:
-    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
-
-
-@pytest.fixture(scope="module")
-def server(stories_files, tmp_path_factory):
-    api = ApiServer(*stories_files, tmp_path_factory.mktemp("api_logs") / "api.log")
-    yield api
-    api.stop()
 
 
 OPEN_WEBUI_STYLE = [

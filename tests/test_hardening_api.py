@@ -10,16 +10,12 @@ import time
 
 import httpx
 import pytest
-from api_support import ApiServer, free_port, make_stories_files, tool
+from api_support import ApiServer, free_port, tool
 
 COMPLETIONS = "/v1/completions"
 CHAT = "/v1/chat/completions"
 HI = [{"role": "user", "content": "Hi"}]
 
-
-@pytest.fixture(scope="module")
-def stories_files(testdata, tmp_path_factory):
-    return make_stories_files(testdata, tmp_path_factory.mktemp("stories"))
 
 
 @pytest.fixture(scope="module")
