@@ -265,15 +265,14 @@ def test_client_disconnecting_mid_stream_stops_its_generation(slow_server):
         if next(lines).startswith("data: "):
             received += 1
     response.close()
-    started = time.monotonic()
-    after = wait_idle(slow_server, 2)["requests"]
-    assert time.monotonic() - started < 1.0
+    # stopped long before the 8 s the answer would take; generous for a busy machine
+    after = wait_idle(slow_server, 5)["requests"]
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["tokens_generated"] - before["tokens_generated"] < 60
-    # the next request is served at once
+    # the next request is served at once, not after the 400-token answer
     started = time.monotonic()
     slow_server.client().completions.create(model="stories260K", prompt="Once", max_tokens=3)
-    assert time.monotonic() - started < 1.0
+    assert time.monotonic() - started < 5.0
 
 
 def test_client_giving_up_on_a_whole_answer_stops_its_generation(slow_server):
@@ -282,7 +281,7 @@ def test_client_giving_up_on_a_whole_answer_stops_its_generation(slow_server):
         slow_server.post(
             "/v1/completions", timeout=0.3, json={"prompt": "Once", "max_tokens": 400, "ignore_eos": True}
         )
-    after = wait_idle(slow_server, 2)["requests"]
+    after = wait_idle(slow_server, 5)["requests"]
     assert after["cancelled"] == before["cancelled"] + 1
     assert after["tokens_generated"] - before["tokens_generated"] < 60
 

@@ -397,7 +397,7 @@ def test_recv_message_into_refuses_a_message_larger_than_the_array(cluster_facto
 
 # ---- faults --------------------------------------------------------------------------------
 def test_peer_closing_mid_transfer_is_reported_at_once_with_its_address(cluster_factory) -> None:
-    timeout_ms = 3000
+    timeout_ms = 10_000  # far above the time to notice, so a busy machine cannot blur the two
     slice_bytes = 4 * MB
     cluster = cluster_factory(2, timeout_ms=timeout_ms, raw=(1,))
     raw = cluster.raw[1][0]
@@ -422,7 +422,7 @@ def test_peer_closing_mid_transfer_is_reported_at_once_with_its_address(cluster_
         and error.peer_name == cluster.name_of(1, 0)
         and error.label == "layer 3 attention sync"
     )
-    assert elapsed < 1.0, f"took {elapsed:.2f} s to notice a closed connection"
+    assert elapsed < timeout_ms / 1000 / 2, f"took {elapsed:.2f} s to notice a closed connection"
 
 
 @pytest.mark.parametrize("op", ["all_gather", "broadcast", "recv_message"])
@@ -477,7 +477,7 @@ def test_a_failure_closes_the_connections_so_other_nodes_fail_fast(cluster_facto
     elapsed = time.perf_counter() - t0
     assert "timeout" in str(results[0]) and results[0].peer == 2
     assert isinstance(results[1], NetError) and results[1].peer == 0 and "closed" in str(results[1])
-    assert elapsed < 1.5
+    assert elapsed < 5.0  # node 1 learnt of it from the dropped connection, not from its 10 s timeout
 
 
 def test_wait_readable_idles_without_failing_until_the_peer_speaks(cluster_factory) -> None:
