@@ -36,10 +36,17 @@ from dllama_py.model.structure import Split, tensor_specs
 HANDSHAKE_TIMEOUT_S = 10.0  # for the whole handshake up to the root's proof; then as long again for its setup
 MAX_PENDING_HANDSHAKES = 32  # unauthenticated connections handled at once; beyond, the oldest is dropped
 MAX_BATCH = 1024  # the most prompt rows per step a root may ask for
+# The most layers x experts a setup's model may have: the plan lists every tensor, so a header
+# saying 10**30 layers would hold the worker forever. The largest models run today have ~25,000
+# (61 layers x 384 experts); a plan of 32,768 dense layers takes a few seconds to check.
+MAX_LAYER_EXPERTS = 1 << 15
 
 
 def log(message: str) -> None:
-    print(f"[worker {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+    # one write: print() writes the line and its end separately, and the handshake threads log
+    # at once, which ran lines together
+    sys.stderr.write(f"[worker {time.strftime('%H:%M:%S')}] {message}\n")
+    sys.stderr.flush()
 
 
 class Deadline:
@@ -252,7 +259,9 @@ def receive_weights(mesh: _core.Mesh, plan: Plan, node: int, store: EntryWriter 
             continue
         rows, cols = plan.slice_shape(spec.name, spec.shape, node)
         array = np.empty((rows, spec.float_type.row_elements(cols)), dtype=spec.float_type.storage_dtype)
-        mesh.recv_message_into(0, array, f"loading {spec.name}")
+        got = mesh.recv_message_into(0, array, f"loading {spec.name}")
+        if got != array.nbytes:  # the rest of the array would be whatever np.empty left there
+            raise p.ProtocolError(f"malformed weights: {got} bytes for {spec.name}, expected {array.nbytes}")
         weights[spec.name] = array
         if store is not None:
             store.write(spec.name, array)
@@ -283,6 +292,9 @@ class Heartbeat:
 def check_setup(setup: p.Setup) -> Plan:
     """The plan of a root's setup; raises ValueError saying why this worker cannot serve it."""
     config = ModelConfig.from_header(setup.header)  # ConfigError names the problem
+    if config.n_layers * max(config.n_experts, 1) > MAX_LAYER_EXPERTS:  # before anything walks them
+        raise ValueError(f"a model of {config.n_layers} layers and {config.n_experts} experts is beyond this worker "
+                         f"(at most {MAX_LAYER_EXPERTS} layers x experts)")
     plan = Plan.make(config, len(setup.addresses), setup.shares)  # PlanError says why and what would work
     if not 1 <= setup.node_index < plan.n_nodes:
         raise ValueError(f"node index {setup.node_index} is not a worker of a {plan.n_nodes}-node plan")
