@@ -60,6 +60,7 @@ class ClusterTransport:
         self.socks: list[socket.socket] = []
         self.mesh: _core.Mesh | None = None
         self.mesh_sync: MeshSync | None = None
+        self._gather_buf = np.zeros(0, dtype=np.uint8)  # reused by every step's gather, grown as needed
         self.cached = [False] * len(self.names)  # which workers read their slices from their cache
 
     def default_buffer_type(self, config: ModelConfig) -> str:
@@ -93,7 +94,10 @@ class ClusterTransport:
         self.mesh.broadcast_message(p.SendLogits().encode(), "asking for logits")
 
     def gather(self, part: bytes, offsets: list[int], sizes: list[int], label: str) -> np.ndarray:
-        buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
+        total = offsets[-1] + sizes[-1]
+        if self._gather_buf.size < total:
+            self._gather_buf = np.zeros(total, dtype=np.uint8)
+        buf = self._gather_buf[:total]  # what combine() keeps of it is copied (several nodes' parts)
         buf[: sizes[0]] = np.frombuffer(part, dtype=np.uint8)
         self.mesh.gather(0, buf, offsets, sizes, label)
         return buf
