@@ -27,6 +27,17 @@ from dllama_py.model.config import FloatType, ModelConfig
 from dllama_py.model.forward import NodeForward
 from dllama_py.model.plan import Plan, PlanError, auto_shares
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit; within the TOPK candidates every node sends
+
+
+@dataclass
+class TokenLogprobs:
+    """A chosen token's log-probability and the most likely tokens' (id, log-probability), best first."""
+
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]
+
 
 class EngineError(RuntimeError):
     """The engine cannot run as asked; the message says what to change."""
@@ -215,8 +226,16 @@ class Engine:
     # ---- steps ----------------------------------------------------------------------------
     def readout_for(self, sampler: Sampler, vocab_limit: int) -> Readout:
         """What a step must keep of its logits for `sampler` to choose the next token among ids
-        below `vocab_limit`: the best token (greedy), every node's top tokens (nucleus), or
-        every logit."""
+        below `vocab_limit` (and report log-probabilities if it asks): the best token (greedy),
+        every node's top tokens (nucleus; and log-probabilities, which are those of temperature 1),
+        or every logit (a sampler that shapes or filters them, or one whose temperature differs
+        from the log-probabilities')."""
+        if sampler.needs_all_logits:
+            return Readout(LogitsMode.FULL, vocab_limit=vocab_limit)
+        if sampler.logprobs is not None:
+            if sampler.greedy or (sampler.nucleus and sampler.temperature == 1.0):
+                return Readout(LogitsMode.TOPK, temperature=1.0, vocab_limit=vocab_limit)
+            return Readout(LogitsMode.FULL, vocab_limit=vocab_limit)
         if sampler.greedy:
             return Readout(LogitsMode.ARGMAX, vocab_limit=vocab_limit)
         if sampler.nucleus:
@@ -295,13 +314,17 @@ class Engine:
         nucleus, else from every logit (fetched for this step only); or a sample from every logit."""
         readout = self._readout
         limit = self.exchange.limit(readout)
-        if sampler.greedy:
+        c = self._collected.candidates
+        if sampler.greedy and not sampler.needs_all_logits:
             if readout.mode == LogitsMode.ARGMAX:
                 return self.argmax()
+            if c is not None:  # the best token is every node's first candidate; ties go to the lowest id
+                return int(c.ids[np.lexsort((c.ids, -c.probs))[0]])
             return int(np.argmax(self._full_logits()[-1][:limit]))
+        if sampler.greedy:
+            return sampler.sample(self._full_logits()[-1][:limit])
         coin = sampler.random_f32()
-        c = self._collected.candidates
-        if c is not None and sampler.nucleus:
+        if c is not None and sampler.nucleus and not sampler.needs_all_logits:
             complete = c.every_token_sent or c.unsent_bound < sampler.cutoff(limit)
             choice = sampler.choose(c.ids, c.probs, coin, limit, complete, c.unsent_bound)
             if choice is not None:
@@ -310,12 +333,41 @@ class Engine:
             self.topk_misses += 1
         return sampler.sample_with_coin(self._full_logits()[-1][:limit], coin)
 
+    def logprobs(self, token: int, top: int) -> TokenLogprobs:
+        """The log-probability of `token` after the last step, and the `top` most likely tokens
+        with theirs (at most TOPK_LOGPROBS), under the model's own distribution (temperature 1,
+        no penalties, bias or grammar) over ids below the step's vocabulary limit. Read from the
+        nodes' top tokens when the step kept them at temperature 1 and they hold `token`, else
+        from every logit."""
+        if top > MAX_TOP_LOGPROBS:
+            raise EngineError(f"at most {MAX_TOP_LOGPROBS} top log-probabilities, asked for {top}")
+        readout = self._readout
+        c = self._collected.candidates
+        if self._collected.logits is None and c is not None and readout.temperature == 1.0:
+            hit = np.flatnonzero(c.ids == token)
+            if len(hit):
+                order = np.lexsort((c.ids, -c.probs))[:top]
+                with np.errstate(divide="ignore"):
+                    return TokenLogprobs(token, float(np.log(c.probs[hit[0]])),
+                                         [(int(c.ids[i]), float(np.log(c.probs[i]))) for i in order])
+        row = self._full_logits()[-1][:self.exchange.limit(readout)].astype(np.float64)
+        top_value = row.max()
+        log_z = top_value + np.log(np.exp(row - top_value).sum())
+        order = np.argsort(-row, kind="stable")[:top]  # stable: ties by id
+        return TokenLogprobs(token, float(row[token] - log_z), [(int(i), float(row[i] - log_z)) for i in order])
+
     def check_alive(self) -> None:
         """Between steps: raise EngineError naming a worker that went away (died or restarted)."""
         try:
             self.transport.check_alive()
         except ConnectionError as error:
             raise EngineError(str(error)) from None
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def close(self) -> None:
         """End the session on every worker and free the KV cache."""

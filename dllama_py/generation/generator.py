@@ -9,8 +9,10 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from dllama_py.engine.engine import Engine, EngineError, StepStats
-from dllama_py.engine.exchange import FULL, NO_LOGITS, Readout
+import numpy as np
+
+from dllama_py.engine.engine import Engine, EngineError, StepStats, TokenLogprobs
+from dllama_py.engine.exchange import ALL_ROWS, FULL, NO_LOGITS, Readout
 from dllama_py.engine.sampler import Sampler
 from dllama_py.generation.stops import StopText
 from dllama_py.text.tokenizer import Tokenizer
@@ -22,12 +24,14 @@ class ContextFullError(EngineError):
 
 @dataclass
 class TokenEvent:
-    """One generated token: its id, the text it completes (may be '' mid-character), and the
-    statistics of the step that evaluated it (None for a token that was not evaluated)."""
+    """One generated token: its id, the text it completes (may be '' mid-character), the
+    statistics of the step that evaluated it (None for a token that was not evaluated), and its
+    log-probabilities when the sampler asks for them."""
 
     id: int
     text: str
     stats: StepStats | None
+    logprobs: TokenLogprobs | None = None
 
 
 @dataclass
@@ -101,6 +105,32 @@ class Generator:
                 on_step(stats)
         return steps
 
+    def prompt_logprobs(self, ids: Sequence[int], top: int) -> list[TokenLogprobs | None]:
+        """The log-probability of every prompt token given those before it (None for the first),
+        with the `top` most likely tokens at each position: what evaluation harnesses score.
+        Evaluates the whole prompt keeping every row's logits (nothing is reused from the cache)."""
+        if not ids:
+            raise EngineError("the prompt is empty")
+        if len(ids) > self.engine.seq_len:
+            raise ContextFullError(f"the prompt has {len(ids)} tokens but the context holds "
+                                   f"{self.engine.seq_len} (raise --max-seq-len if the model allows)")
+        self.cached = []
+        out: list[TokenLogprobs | None] = [None]
+        for pos in range(0, len(ids), self.nbatches):
+            chunk = list(ids[pos:pos + self.nbatches])
+            self.engine.step(chunk, pos, ALL_ROWS)
+            self.cached.extend(chunk)
+            rows = self.engine.logits().reshape(len(chunk), -1)[:, :self.sample_vocab].astype(np.float64)
+            top_values = rows.max(axis=1, keepdims=True)
+            log_probs = rows - (top_values + np.log(np.exp(rows - top_values).sum(axis=1, keepdims=True)))
+            for i in range(len(chunk)):
+                if pos + i + 1 < len(ids):
+                    row = log_probs[i]
+                    best = np.argsort(-row, kind="stable")[:top]
+                    token = ids[pos + i + 1]
+                    out.append(TokenLogprobs(token, float(row[token]), [(int(j), float(row[j])) for j in best]))
+        return out
+
     def generate(
         self,
         prompt_ids: Sequence[int],
@@ -121,6 +151,7 @@ class Generator:
         stops = set(self.tokenizer.eos_ids if stop_ids is None else stop_ids)
         result = GenerationResult(list(prompt_ids))
         readout = self.engine.readout_for(sampler, self.sample_vocab)
+        sampler.start(prompt_ids)
         result.prompt_steps = self.evaluate(prompt_ids, on_prompt_step, readout)
         result.prompt_tokens_evaluated = sum(s.tokens for s in result.prompt_steps)
         decoder = self.tokenizer.stream_decoder()
@@ -135,18 +166,21 @@ class Generator:
             if token in stops:
                 result.finish_reason = "stop"
                 break
+            logprobs = None if sampler.logprobs is None else self.engine.logprobs(token, sampler.logprobs)
+            sampler.accept(token)
             result.generated_ids.append(token)
             text, hit = stop_text.push(decoder.push(token))
+            complete = bool(getattr(sampler.constraint, "finished", False))  # a grammar that is done ends it
             stats = None
             last = i == max_tokens - 1
-            if not hit and not last and len(self.cached) < self.engine.seq_len:
+            if not hit and not complete and not last and len(self.cached) < self.engine.seq_len:
                 stats = self.engine.step([token], len(self.cached), readout)
                 self.cached.append(token)
                 result.token_steps.append(stats)
             pieces.append(text)
             if on_token:
-                on_token(TokenEvent(token, text, stats))
-            if hit:
+                on_token(TokenEvent(token, text, stats, logprobs))
+            if hit or complete:
                 result.finish_reason = "stop"
                 break
             if not last and len(self.cached) >= self.engine.seq_len:
