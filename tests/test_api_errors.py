@@ -120,19 +120,10 @@ def test_prompt_longer_than_the_context_is_400(server):
 @pytest.mark.parametrize(
     "extra, param",
     [
-        ({"n": 2}, "n"),
-        ({"logprobs": True}, "logprobs"),
-        ({"top_logprobs": 3}, "top_logprobs"),
-        # tools are served (tests/test_api_tools.py); forcing a call needs constrained decoding
-        ({"tool_choice": "required"}, "tool_choice"),
-        ({"tool_choice": {"type": "function", "function": {"name": "f"}}}, "tool_choice"),
+        # n, logprobs, penalties, logit_bias, response_format and forced tool calls are served
+        # (tests/test_api_sampling.py, tests/test_api_structured.py)
         ({"functions": [{"name": "f"}]}, "functions"),
         ({"function_call": {"name": "f"}}, "function_call"),
-        ({"frequency_penalty": 0.5}, "frequency_penalty"),
-        ({"presence_penalty": -1}, "presence_penalty"),
-        ({"logit_bias": {"42": 5}}, "logit_bias"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
-        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
         ({"messages": [{"role": "function", "name": "f", "content": "x"}]}, "messages[0].role"),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -147,11 +138,41 @@ def test_unsupported_features_are_400_naming_the_field(server, extra, param):
     assert param.split("[")[0] in error["message"]
 
 
+@pytest.mark.parametrize(
+    "extra, param",
+    [
+        ({"n": 17}, "n"),
+        ({"n": 0}, "n"),
+        ({"top_logprobs": 3}, "top_logprobs"),  # without logprobs: true
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        ({"logit_bias": {"abc": 5}}, "logit_bias"),
+        ({"logit_bias": {"42": 200}}, "logit_bias"),
+        ({"logit_bias": {"600": 1}}, "logit_bias"),  # stories260K has 512 tokens
+        ({"logit_bias": {"42": "5"}}, "logit_bias.42"),
+        ({"frequency_penalty": 3}, "frequency_penalty"),
+        ({"repeat_penalty": 0}, "repeat_penalty"),
+        ({"top_k": -1}, "top_k"),
+        ({"min_p": 1.5}, "min_p"),
+        ({"response_format": {"type": "yaml"}}, "response_format.type"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}},
+         "response_format.json_schema.schema"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}},
+         "response_format"),
+        ({"tool_choice": "required"}, "tool_choice"),  # without tools
+        ({"max_tokens": 0}, "max_tokens"),
+    ],
+)
+def test_bad_sampling_and_format_values_are_400_naming_the_field(server, extra, param):
+    error = assert_error(server.post(CHAT, json={"messages": HI, **extra}), 400, param)
+    assert param.split(".")[0] in error["message"]
+
+
 def test_completion_unsupported_fields_are_400(server):
+    assert_error(server.post("/v1/completions", json={"prompt": "Once", "logprobs": 21}), 400, "logprobs")
     for extra, param in (
         ({"best_of": 3}, "best_of"),
         ({"suffix": "end"}, "suffix"),
-        ({"logprobs": 2}, "logprobs"),
         ({"prompt": ["a", "b"]}, "prompt"),
     ):
         assert_error(

@@ -14,7 +14,8 @@ import asyncio
 import hmac
 import sys
 import traceback
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +29,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from dllama_py.api import responses as r
 from dllama_py.api.errors import ApiError
 from dllama_py.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest, parse_body
-from dllama_py.api.service import GenerationService, Job, Outcome
+from dllama_py.api.service import GenerationService, Job, Outcome, Piece
+from dllama_py.engine.engine import TokenLogprobs
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.grammar import Grammar
+from dllama_py.text.tokenizer import Tokenizer
 from dllama_py.text.tokenizer_kind import KIND_SENTENCEPIECE
 from dllama_py.text.tool_calls import ToolCall, ToolCallStream, parse_tool_calls
 
@@ -174,19 +179,27 @@ def create_app(
                 )
 
     def make_job(
-        body: SamplingRequest, prompt_ids: list[int], max_tokens: int, stop_ids: list[int] | None
+        body: SamplingRequest, prompt_ids: list[int], max_tokens: int, stop_ids: list[int] | None,
+        grammar: Grammar | None = None, prompt_logprobs: int | None = None,
     ) -> Job:
         check_max_tokens(body, len(prompt_ids))
         temperature, top_p, seed = service.sampling(body.temperature, body.top_p, body.seed)
+        options = body.sampler_options(service.tokenizer.vocab_size)
+        logprobs = body.logprobs_count()
+
+        def new_sampler(index: int) -> Sampler:  # choice i of n: its own seed and grammar state
+            return Sampler(temperature, top_p, None if seed is None else seed + index, logprobs=logprobs,
+                           constraint=grammar.matcher() if grammar is not None else None, **options)
+
         return Job(
             prompt_ids,
             max_tokens,
-            temperature,
-            top_p,
-            seed,
+            new_sampler,
             [] if body.ignore_eos else stop_ids,
             body.stop_strings(),
             asyncio.get_running_loop(),
+            choices=body.choices(),
+            prompt_logprobs=prompt_logprobs,
         )
 
     @app.post("/v1/chat/completions")
@@ -197,23 +210,33 @@ def create_app(
         prompt_ids = await run_in_threadpool(service.encode_chat, body.template_messages(), tools)
         service.check_fits(prompt_ids, "messages")
         stop_ids = service.chat_format.stop_ids if service.chat_format else None
-        job = make_job(body, prompt_ids, body.token_limit() or service.seq_len, stop_ids)
+        grammar = await run_in_threadpool(service.chat_grammar, body, list(stop_ids or service.tokenizer.eos_ids))
+        if body.token_limit() == 0:
+            raise ApiError(400, "max_tokens: a chat answer needs at least 1 token", "max_tokens")
+        job = make_job(body, prompt_ids, body.token_limit() or service.seq_len, stop_ids, grammar)
         service.submit(job)
         ids = r.ResponseIds("chatcmpl", service.model_id)
-        shape = _FirstSpace(service.tokenizer.kind == KIND_SENTENCEPIECE)
+        sentencepiece = service.tokenizer.kind == KIND_SENTENCEPIECE
         max_calls = 1 if body.parallel_tool_calls is False else None
+        names = body.tool_names() if tools else None
         if body.stream:
-            calls = ToolCallStream(body.tool_names()) if tools else None
             return StreamingResponse(
-                _stream(job, _ChatChunks(ids, body.include_usage(), calls, max_calls), shape),
+                _stream(job, _ChatChunks(ids, body.include_usage(), service.tokenizer, sentencepiece, names,
+                                         max_calls)),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        text, outcome = await _collect(job, request, shape)
-        if not tools:
-            return JSONResponse(r.chat_completion(ids, text, outcome))
-        parsed = parse_tool_calls(text, body.tool_names())
-        return JSONResponse(r.chat_completion(ids, parsed.content, outcome, parsed.calls[:max_calls]))
+        answer = await _collect(job, request, sentencepiece)
+        choices = []
+        for index, text in enumerate(answer.texts):
+            entries = r.chat_logprobs(service.tokenizer, answer.logprobs[index]) if body.logprobs else None
+            reason = answer.outcome.finish_reasons[index]
+            if names is None:
+                choices.append(r.Choice(text, reason, logprobs=entries))
+                continue
+            parsed = parse_tool_calls(text, names)
+            choices.append(r.Choice(parsed.content, reason, parsed.calls[:max_calls], entries))
+        return JSONResponse(r.chat_completion(ids, choices, answer.outcome))
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -222,7 +245,8 @@ def create_app(
         prompt = body.prompt_value()
         prompt_ids = await run_in_threadpool(service.encode_prompt, prompt)
         service.check_fits(prompt_ids, "prompt")
-        job = make_job(body, prompt_ids, body.token_limit(), None)
+        scored = body.logprobs if body.echo and body.logprobs is not None else None
+        job = make_job(body, prompt_ids, body.token_limit(), None, prompt_logprobs=scored)
         service.submit(job)
         ids = r.ResponseIds("cmpl", service.model_id)
         echo = ""
@@ -230,12 +254,24 @@ def create_app(
             echo = prompt if isinstance(prompt, str) else service.tokenizer.decode(prompt_ids)
         if body.stream:
             return StreamingResponse(
-                _stream(job, _TextChunks(ids, body.include_usage(), echo), lambda t: t),
+                _stream(job, _TextChunks(ids, body.include_usage(), echo, service.tokenizer,
+                                         body.logprobs is not None, prompt_ids)),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
-        text, outcome = await _collect(job, request, lambda t: t)
-        return JSONResponse(r.text_completion(ids, echo + text, outcome))
+        answer = await _collect(job, request, False)
+        choices = []
+        for index, text in enumerate(answer.texts):
+            entries = None
+            if body.logprobs is not None:
+                generated = answer.logprobs[index]
+                if body.echo:
+                    tokens = prompt_ids + [e.token for e in generated]
+                    entries = r.completion_logprobs(service.tokenizer, answer.prompt_scores + generated, tokens)
+                else:
+                    entries = r.completion_logprobs(service.tokenizer, generated)
+            choices.append(r.Choice(echo + text, answer.outcome.finish_reasons[index], logprobs=entries))
+        return JSONResponse(r.text_completion(ids, choices, answer.outcome))
 
     return app
 
@@ -252,17 +288,33 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
             return
 
 
-async def _collect(job: Job, request: Request, shape: Callable[[str], str]) -> tuple[str, Outcome]:
-    """Wait for a job's whole text and outcome; raises its ApiError."""
+@dataclass
+class _Answer:
+    """A whole answer: every choice's text and token log-probabilities, the prompt's scores (echo)."""
+
+    texts: list[str]
+    logprobs: list[list[TokenLogprobs]]
+    prompt_scores: list[TokenLogprobs | None]
+    outcome: Outcome
+
+
+async def _collect(job: Job, request: Request, sentencepiece: bool) -> _Answer:
+    """Wait for a job's whole answer; raises its ApiError."""
     watcher = asyncio.create_task(_watch_disconnect(request, job))
-    pieces = []
+    texts: list[list[str]] = [[] for _ in range(job.choices)]
+    logprobs: list[list[TokenLogprobs]] = [[] for _ in range(job.choices)]
+    shapes = [_FirstSpace(sentencepiece) for _ in range(job.choices)]
+    scores: list[TokenLogprobs | None] = []
     try:
         while True:
             kind, payload = await job.events.get()
             if kind == "token":
-                pieces.append(shape(payload))
+                texts[payload.index].append(shapes[payload.index](payload.text))
+                logprobs[payload.index].extend(payload.logprobs)
+            elif kind == "prompt_logprobs":
+                scores = payload
             elif kind == "done":
-                return "".join(pieces), payload
+                return _Answer(["".join(t) for t in texts], logprobs, scores, payload)
             elif kind == "error":
                 raise payload
             else:
@@ -273,79 +325,147 @@ async def _collect(job: Job, request: Request, shape: Callable[[str], str]) -> t
 
 
 class _Chunks(Protocol):
-    """How one endpoint frames its stream: opening events, a text event, the closing events."""
+    """How one endpoint frames its stream: opening events, the events of a piece of one choice,
+    the prompt's scores (echo), the closing events."""
 
     def opening(self) -> list[dict[str, Any]]: ...
 
-    def text(self, text: str) -> list[dict[str, Any]]: ...
+    def piece(self, piece: Piece) -> list[dict[str, Any]]: ...
+
+    def prompt_scores(self, scores: list[TokenLogprobs | None]) -> list[dict[str, Any]]: ...
 
     def closing(self, outcome: Outcome) -> list[dict[str, Any]]: ...
 
 
+class _ChatChoice:
+    """The stream state of one chat choice: its leading space, tool calls, and log-probabilities
+    not yet sent (of tokens whose text is held back)."""
+
+    def __init__(self, sentencepiece: bool, names: list[str] | None) -> None:
+        self.shape = _FirstSpace(sentencepiece)
+        self.calls = ToolCallStream(names) if names is not None else None
+        self.sent_calls = 0
+        self.pending: list[TokenLogprobs] = []
+        self.opened = False
+
+
 class _ChatChunks:
-    """Chat chunks; with `calls` (the request offered tools), text that may be a tool call is held
-    back and each complete call is sent as one `delta.tool_calls` chunk (at most `max_calls`)."""
+    """Chat chunks of every choice; when the request offered tools, text that may be a tool call
+    is held back and each complete call is sent as one `delta.tool_calls` chunk (at most `max_calls`)."""
 
     def __init__(
         self,
         ids: r.ResponseIds,
         include_usage: bool,
-        calls: ToolCallStream | None = None,
+        tokenizer: Tokenizer,
+        sentencepiece: bool,
+        names: list[str] | None = None,
         max_calls: int | None = None,
     ) -> None:
-        self.ids, self.include_usage = ids, include_usage
-        self.calls, self.max_calls = calls, max_calls
-        self.sent_calls = 0
+        self.ids, self.include_usage, self.tokenizer = ids, include_usage, tokenizer
+        self.sentencepiece, self.names, self.max_calls = sentencepiece, names, max_calls
+        self.choices: dict[int, _ChatChoice] = {}
+
+    def _choice(self, index: int) -> tuple[_ChatChoice, list[dict[str, Any]]]:
+        choice = self.choices.get(index)
+        if choice is None:
+            choice = self.choices[index] = _ChatChoice(self.sentencepiece, self.names)
+        if choice.opened:
+            return choice, []
+        choice.opened = True
+        return choice, [self._chunk(index, {"role": "assistant", "content": ""})]
+
+    def _chunk(self, index: int, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: list[TokenLogprobs] | None = None, **extra: Any) -> dict[str, Any]:
+        entries = r.chat_logprobs(self.tokenizer, logprobs) if logprobs else None
+        return r.chat_chunk(self.ids, delta, finish_reason, self.include_usage, index, entries, **extra)
 
     def opening(self) -> list[dict[str, Any]]:
-        return [
-            r.chat_chunk(self.ids, {"role": "assistant", "content": ""}, include_usage=self.include_usage)
-        ]
+        return self._choice(0)[1]
 
-    def text(self, text: str) -> list[dict[str, Any]]:
-        if self.calls is None:
-            return [r.chat_chunk(self.ids, {"content": text}, include_usage=self.include_usage)]
-        return self._events(self.calls.push(text))
+    def prompt_scores(self, scores: list[TokenLogprobs | None]) -> list[dict[str, Any]]:
+        return []
 
-    def _events(self, events: list[str | ToolCall]) -> list[dict[str, Any]]:
+    def piece(self, piece: Piece) -> list[dict[str, Any]]:
+        choice, chunks = self._choice(piece.index)
+        choice.pending.extend(piece.logprobs)
+        text = choice.shape(piece.text)
+        if choice.calls is None:
+            if text or choice.pending:
+                chunks.append(self._chunk(piece.index, {"content": text}, logprobs=choice.pending))
+                choice.pending = []
+            return chunks
+        return chunks + self._events(piece.index, choice, choice.calls.push(text) if text else [])
+
+    def _events(self, index: int, choice: _ChatChoice, events: list[str | ToolCall]) -> list[dict[str, Any]]:
         chunks = []
         for event in events:
             if isinstance(event, str):
                 delta = {"content": event}
-            elif self.max_calls is not None and self.sent_calls >= self.max_calls:
+            elif self.max_calls is not None and choice.sent_calls >= self.max_calls:
                 continue  # parallel_tool_calls: false keeps the first call
             else:
-                delta = r.tool_call_delta(self.sent_calls, event)
-                self.sent_calls += 1
-            chunks.append(r.chat_chunk(self.ids, delta, include_usage=self.include_usage))
+                delta = r.tool_call_delta(choice.sent_calls, event)
+                choice.sent_calls += 1
+            chunks.append(self._chunk(index, delta, logprobs=choice.pending))
+            choice.pending = []
         return chunks
 
     def closing(self, outcome: Outcome) -> list[dict[str, Any]]:
-        chunks = self._events(self.calls.finish()) if self.calls is not None else []
-        finish_reason = "tool_calls" if self.sent_calls else outcome.finish_reason
-        last = r.chat_chunk(self.ids, {}, finish_reason, self.include_usage, x_dllama=outcome.timing())
-        chunks.append(last)
+        chunks = []
+        for index, reason in enumerate(outcome.finish_reasons):
+            choice, opening = self._choice(index)
+            chunks += opening
+            if choice.calls is not None:
+                chunks += self._events(index, choice, choice.calls.finish())
+            finish_reason = "tool_calls" if choice.sent_calls else reason
+            last = index == len(outcome.finish_reasons) - 1
+            extra = {"x_dllama": outcome.timing()} if last else {}
+            chunks.append(self._chunk(index, {}, finish_reason, logprobs=choice.pending, **extra))
         return chunks + [r.chat_usage_chunk(self.ids, outcome)] if self.include_usage else chunks
 
 
 class _TextChunks:
-    def __init__(self, ids: r.ResponseIds, include_usage: bool, echo: str) -> None:
+    def __init__(self, ids: r.ResponseIds, include_usage: bool, echo: str, tokenizer: Tokenizer,
+                 logprobs: bool, prompt_ids: list[int]) -> None:
         self.ids, self.include_usage, self.echo = ids, include_usage, echo
+        self.tokenizer, self.logprobs, self.prompt_ids = tokenizer, logprobs, prompt_ids
+        self.echoed: set[int] = set()
+        self.scores: list[TokenLogprobs | None] | None = None
 
     def opening(self) -> list[dict[str, Any]]:
-        return self.text(self.echo) if self.echo else []
+        return []
 
-    def text(self, text: str) -> list[dict[str, Any]]:
-        return [r.text_chunk(self.ids, text, include_usage=self.include_usage)]
+    def prompt_scores(self, scores: list[TokenLogprobs | None]) -> list[dict[str, Any]]:
+        self.scores = scores
+        return []
+
+    def _echo(self, index: int) -> list[dict[str, Any]]:
+        """The prompt, first in each choice when echo is asked (with its scores)."""
+        if not self.echo or index in self.echoed:
+            return []
+        self.echoed.add(index)
+        entries = None
+        if self.logprobs and self.scores is not None:
+            entries = r.completion_logprobs(self.tokenizer, self.scores, tokens=self.prompt_ids)
+        return [r.text_chunk(self.ids, self.echo, None, self.include_usage, index, entries)]
+
+    def piece(self, piece: Piece) -> list[dict[str, Any]]:
+        entries = r.completion_logprobs(self.tokenizer, piece.logprobs) if self.logprobs else None
+        return self._echo(piece.index) + [
+            r.text_chunk(self.ids, piece.text, None, self.include_usage, piece.index, entries)]
 
     def closing(self, outcome: Outcome) -> list[dict[str, Any]]:
-        last = r.text_chunk(
-            self.ids, "", outcome.finish_reason, self.include_usage, x_dllama=outcome.timing()
-        )
-        return [last, r.text_usage_chunk(self.ids, outcome)] if self.include_usage else [last]
+        chunks = []
+        for index, reason in enumerate(outcome.finish_reasons):
+            chunks += self._echo(index)
+            last = index == len(outcome.finish_reasons) - 1
+            extra = {"x_dllama": outcome.timing()} if last else {}
+            chunks.append(r.text_chunk(self.ids, "", reason, self.include_usage, index, **extra))
+        return chunks + [r.text_usage_chunk(self.ids, outcome)] if self.include_usage else chunks
 
 
-async def _stream(job: Job, chunks: _Chunks, shape: Callable[[str], str]) -> AsyncIterator[str]:
+async def _stream(job: Job, chunks: _Chunks) -> AsyncIterator[str]:
     """Server-Sent Events for one job, ending with `data: [DONE]`. When the client goes away the
     server cancels this generator, and `finally` stops the generation."""
     try:
@@ -354,10 +474,11 @@ async def _stream(job: Job, chunks: _Chunks, shape: Callable[[str], str]) -> Asy
         while True:
             kind, payload = await job.events.get()
             if kind == "token":
-                text = shape(payload)
-                if text:
-                    for chunk in chunks.text(text):
-                        yield r.sse(chunk)
+                for chunk in chunks.piece(payload):
+                    yield r.sse(chunk)
+            elif kind == "prompt_logprobs":
+                for chunk in chunks.prompt_scores(payload):
+                    yield r.sse(chunk)
             elif kind == "done":
                 for chunk in chunks.closing(payload):
                     yield r.sse(chunk)

@@ -1,13 +1,18 @@
 """Request bodies of /v1/chat/completions and /v1/completions, and their validation.
 
-Bodies are parsed strictly (a string is not a number) but openly: unknown fields, and the
-fields real clients send with their default values (`n: 1`, `logprobs: false`, `tools: []`,
-zero penalties), are accepted and ignored. A field that asks for something this server cannot
-do is refused with a 400 that names it.
+Bodies are parsed strictly (a string is not a number) but openly: unknown fields are accepted
+and ignored. A field that asks for something this server cannot do is refused with a 400 that
+names it.
 
-Tool calling: `tools` (functions), `tool_choice` 'auto' or 'none', `parallel_tool_calls`,
-assistant messages with `tool_calls` and `tool` messages are accepted; `template_messages()`
-turns the conversation into what a chat template expects (transformers' shape).
+Sampling: temperature, top_p, seed, stop, n, presence/frequency penalties, logit_bias, and
+llama.cpp's top_k, min_p, repeat_penalty and repeat_last_n as extensions (`sampler_options`).
+Log-probabilities: chat's `logprobs` + `top_logprobs`, completions' `logprobs` (a count) and
+`echo` (the prompt's own log-probabilities).
+Tool calling: `tools` (functions), `tool_choice` ('auto', 'none', 'required' or a named
+function: the last two constrain decoding to a valid call), `parallel_tool_calls`, assistant
+messages with `tool_calls` and `tool` messages; `template_messages()` turns the conversation
+into what a chat template expects (transformers' shape). Structured output: `response_format`
+'json_object' or 'json_schema' (constrained decoding, generation/grammar.py).
 """
 
 from __future__ import annotations
@@ -18,10 +23,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dllama_py.api.errors import bad_request, unsupported
+from dllama_py.engine.sampler import Penalties
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-NOT_YET = "it needs constrained decoding, which dllama-api does not do yet"
 MAX_STOP_SEQUENCES = 16
+MAX_CHOICES = 16  # n
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit (engine.MAX_TOP_LOGPROBS)
 
 
 class _Open(BaseModel):
@@ -67,12 +74,17 @@ class SamplingRequest(_Open):
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = None
     stop: str | list[str] | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
     frequency_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     presence_penalty: float | None = Field(None, ge=-2, le=2, allow_inf_nan=False)
     logit_bias: dict[str, float] | None = None
     user: Any = None  # a string in OpenAI's API; some clients send an object
     ignore_eos: bool | None = False  # non-standard (as in vLLM): generate max_tokens tokens whatever comes
+    # llama.cpp's extensions
+    top_k: int | None = Field(None, ge=0)
+    min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
+    repeat_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    repeat_last_n: int | None = Field(None, ge=0)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -86,21 +98,48 @@ class SamplingRequest(_Open):
     def check_shared(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise bad_request("stream_options: only allowed when stream is true", "stream_options")
-        if self.n not in (None, 1):
-            raise unsupported("n", f"n={self.n} (more than one choice)")
-        for name in ("frequency_penalty", "presence_penalty"):
-            if getattr(self, name):
-                raise unsupported(name, f"a non-zero {name}")
-        if self.logit_bias:
-            raise unsupported("logit_bias", "logit_bias")
         self.stop_strings()
+        self.token_bias(None)
+
+    def choices(self) -> int:
+        return self.n or 1
+
+    def token_bias(self, vocab_size: int | None) -> dict[int, float]:
+        """logit_bias as {token id: bias}: keys are token ids (as strings), values -100..100."""
+        out = {}
+        for key, value in (self.logit_bias or {}).items():
+            where = f"logit_bias[{key!r}]"
+            if not key.strip().isdigit():
+                raise bad_request(f"{where}: the keys are token ids, as strings ('42')", "logit_bias")
+            token = int(key)
+            if vocab_size is not None and token >= vocab_size:
+                raise bad_request(f"{where}: token id {token} is outside the vocabulary of {vocab_size}",
+                                  "logit_bias")
+            if not -100 <= value <= 100:  # also refuses NaN
+                raise bad_request(f"{where}: a bias lies in [-100, 100], got {value}", "logit_bias")
+            out[token] = float(value)
+        return out
+
+    def sampler_options(self, vocab_size: int) -> dict[str, Any]:
+        """The Sampler keywords this request sets beyond temperature, top_p and seed."""
+        return {
+            "top_k": self.top_k or 0,
+            "min_p": self.min_p or 0.0,
+            "penalties": Penalties(
+                presence=self.presence_penalty or 0.0,
+                frequency=self.frequency_penalty or 0.0,
+                repeat=1.0 if self.repeat_penalty is None else self.repeat_penalty,
+                repeat_last_n=64 if self.repeat_last_n is None else self.repeat_last_n,
+            ),
+            "logit_bias": self.token_bias(vocab_size),
+        }
 
 
 class ChatCompletionRequest(SamplingRequest):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     tool_choice: Any = None
@@ -110,31 +149,65 @@ class ChatCompletionRequest(SamplingRequest):
 
     def check(self) -> None:
         self.check_shared()
-        if self.logprobs:
-            raise unsupported("logprobs", "logprobs")
-        if self.top_logprobs:
-            raise unsupported("top_logprobs", "top_logprobs")
+        if self.top_logprobs and not self.logprobs:
+            raise bad_request("top_logprobs: only allowed when logprobs is true", "top_logprobs")
         self.check_tools()
         if self.functions:
             raise unsupported("functions", "the deprecated 'functions' field", "send 'tools' instead")
         if self.function_call not in (None, "none", "auto"):
-            raise unsupported("function_call", "function_call naming a function", NOT_YET)
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise unsupported(
-                "response_format", f"response_format {self.response_format.get('type')!r}", NOT_YET
-            )
+            raise unsupported("function_call", "function_call naming a function", "send 'tools' and 'tool_choice'")
+        self.output_format()
         if not self.messages:
             raise bad_request("messages: at least one message is required", "messages")
         self.template_messages()
 
+    def logprobs_count(self) -> int | None:
+        """None: no log-probabilities; n: the chosen token's and the n most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+    def output_format(self) -> dict[str, Any] | None:
+        """The JSON schema the answer must match ({} for any JSON object), or None (free text)."""
+        fmt = self.response_format
+        if fmt is None:
+            return None
+        kind = fmt.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "object"}
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict):
+                raise bad_request("response_format.json_schema: this field is required (an object with "
+                                  "'name' and 'schema')", "response_format.json_schema")
+            schema = spec.get("schema", {})
+            if not isinstance(schema, dict):
+                raise bad_request("response_format.json_schema.schema: a JSON schema object",
+                                  "response_format.json_schema.schema")
+            return schema
+        raise bad_request(f"response_format.type: {kind!r} is not one of 'text', 'json_object', 'json_schema'",
+                          "response_format.type")
+
+    def forced_tools(self) -> list[dict[str, Any]] | None:
+        """The functions the answer must call one of (tool_choice 'required' or a named function),
+        or None when the model may answer freely."""
+        if self.tool_choice == "required":
+            return [tool["function"] for tool in self.tools or []]
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            return [tool["function"] for tool in self.tools or [] if tool["function"]["name"] == name]
+        return None
+
     def check_tools(self) -> None:
         if not isinstance(self.tool_choice, (str, dict, type(None))):
             raise bad_request("tool_choice: a string or an object", "tool_choice")
-        if self.tool_choice == "required":
-            raise unsupported("tool_choice", "tool_choice 'required'", f"{NOT_YET}; use 'auto' or 'none'")
         if isinstance(self.tool_choice, dict):
-            raise unsupported("tool_choice", "tool_choice naming a function", f"{NOT_YET}; use 'auto' or 'none'")
-        if self.tool_choice not in (None, "auto", "none"):
+            function = self.tool_choice.get("function")
+            if self.tool_choice.get("type", "function") != "function" or not isinstance(function, dict) \
+                    or not isinstance(function.get("name"), str):
+                raise bad_request("tool_choice: a named choice is {'type': 'function', 'function': {'name': ...}}",
+                                  "tool_choice")
+        elif self.tool_choice not in (None, "auto", "none", "required"):
             raise bad_request(
                 f"tool_choice: {self.tool_choice!r} is not one of 'none', 'auto', 'required' or a function",
                 "tool_choice",
@@ -159,6 +232,15 @@ class ChatCompletionRequest(SamplingRequest):
                 raise bad_request(
                     f"{where}.function.description: a string", f"{where}.function.description"
                 )
+        if self.tool_choice == "required" and not self.tools:
+            raise bad_request("tool_choice: 'required' needs tools", "tool_choice")
+        if isinstance(self.tool_choice, dict):
+            name = self.tool_choice["function"]["name"]
+            if name not in [tool["function"]["name"] for tool in self.tools or []]:
+                raise bad_request(f"tool_choice: no tool is named {name!r}", "tool_choice")
+        if (self.tool_choice == "required" or isinstance(self.tool_choice, dict)) and self.response_format \
+                and self.response_format.get("type", "text") != "text":
+            raise bad_request("response_format: not with a tool_choice that forces a call", "response_format")
 
     def offered_tools(self) -> list[dict[str, Any]] | None:
         """The tools the model is offered: none when there are none or tool_choice is 'none'."""
@@ -245,16 +327,14 @@ class CompletionRequest(SamplingRequest):
     echo: bool | None = False
     suffix: str | None = None
     best_of: int | None = Field(None, ge=1)
-    logprobs: int | None = Field(None, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     def check(self) -> None:
         self.check_shared()
         if self.suffix:
             raise unsupported("suffix", "suffix (insertion)")
-        if self.best_of not in (None, 1):
-            raise unsupported("best_of", f"best_of={self.best_of}")
-        if self.logprobs is not None:
-            raise unsupported("logprobs", "logprobs")
+        if self.best_of not in (None, 1, self.n):
+            raise unsupported("best_of", f"best_of={self.best_of} (more candidates than choices)")
         if (
             isinstance(self.prompt, list)
             and len(self.prompt) != 1
@@ -264,6 +344,9 @@ class CompletionRequest(SamplingRequest):
 
     def token_limit(self) -> int:
         return self.max_tokens if self.max_tokens is not None else 16
+
+    def logprobs_count(self) -> int | None:
+        return self.logprobs
 
     def prompt_value(self) -> str | list[int]:
         """The one prompt: text, or token ids."""

@@ -25,11 +25,12 @@ from typing import Any
 from jinja2 import TemplateError
 
 from dllama_py.api.errors import ApiError
-from dllama_py.engine.engine import Engine, EngineError
+from dllama_py.engine.engine import Engine, EngineError, TokenLogprobs
 from dllama_py.engine.exchange import NonFiniteLogits
-from dllama_py.engine.sampler import Sampler
+from dllama_py.engine.sampler import ConstraintError, Sampler
 from dllama_py.generation.chat_session import ChatFormat
 from dllama_py.generation.generator import ContextFullError, Generator, TokenEvent
+from dllama_py.generation.grammar import CALL_STYLE_TAGGED, Grammar, GrammarError, Grammars
 from dllama_py.text.tokenizer import Tokenizer
 
 IDLE_CHECK_S = 2.0  # how often an idle server checks that its workers are still there
@@ -37,16 +38,31 @@ MIN_RECONNECT_INTERVAL_S = 0.1  # a shorter interval would spin, logging every a
 
 
 @dataclass
-class Outcome:
-    """How a generation ended, with the counts `usage` reports and timings."""
+class Piece:
+    """Text of choice `index` (may be '' mid-character), with the log-probabilities of the tokens
+    that made it when the request asked for them."""
 
-    finish_reason: str  # 'stop' or 'length'
+    index: int
+    text: str
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+
+
+@dataclass
+class Outcome:
+    """How a request's generations ended (one finish reason per choice: 'stop' or 'length'), with
+    the counts `usage` reports and timings."""
+
+    finish_reasons: list[str]
     prompt_tokens: int
-    completion_tokens: int
+    completion_tokens: int  # of every choice together
     prompt_tokens_evaluated: int  # prompt tokens not already in the KV cache
     queue_ms: float
     prompt_ms: float
     generation_ms: float
+
+    @property
+    def finish_reason(self) -> str:
+        return self.finish_reasons[0]
 
     def timing(self) -> dict[str, Any]:
         """The non-standard `x_dllama` object of a response."""
@@ -63,16 +79,19 @@ class Outcome:
 
 @dataclass
 class Job:
-    """One request for the generation thread, and the channel its events come back on."""
+    """One request for the generation thread, and the channel its events come back on.
+    `new_sampler(i)` makes the sampler of choice i (its seed, penalties, grammar: the state of
+    one sequence); the `choices` generations run one after the other after one prompt evaluation.
+    With `prompt_logprobs` (echo), the prompt's own log-probabilities come first."""
 
     prompt_ids: list[int]
     max_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
+    new_sampler: Callable[[int], Sampler]
     stop_ids: list[int] | None  # None: the tokenizer's end-of-sequence ids
     stop_strings: list[str]
     loop: asyncio.AbstractEventLoop
+    choices: int = 1
+    prompt_logprobs: int | None = None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
@@ -82,8 +101,9 @@ class Job:
         self.cancelled.set()
 
     def emit(self, kind: str, payload: Any = None) -> None:
-        """From the generation thread: hand an event to the request's handler.
-        Kinds: 'token' (text), then one of 'done' (Outcome), 'error' (ApiError), 'cancelled'."""
+        """From the generation thread: hand an event to the request's handler. Kinds:
+        'prompt_logprobs' (a list, first), 'token' (a Piece), then one of 'done' (Outcome),
+        'error' (ApiError), 'cancelled'."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, payload))
         except RuntimeError:  # the event loop is gone: nobody is listening any more
@@ -135,6 +155,7 @@ class GenerationService:
             self.chat_error = ""
         except ValueError as error:
             self.chat_format, self.chat_error = None, str(error)
+        self.grammars = Grammars(tokenizer)
         self._lock = threading.Lock()
         self.engine: Engine | None = None
         self.generator: Generator | None = None
@@ -239,6 +260,23 @@ class GenerationService:
                 400, f"messages: the chat template refused this conversation: {error}", "messages"
             ) from None
 
+    def chat_grammar(self, body: Any, stop_ids: list[int]) -> Grammar | None:
+        """The grammar a chat request's answer must follow: its response_format's JSON schema, or
+        a call of the tools it forces (tool_choice 'required' or a named function); None when free.
+        A 400 naming the field when the schema cannot be compiled."""
+        schema = body.output_format()
+        forced = body.forced_tools()
+        try:
+            if schema is not None:
+                return self.grammars.json_schema(schema, stop_ids)
+            if forced is not None:
+                style = self.chat_format.call_style if self.chat_format else CALL_STYLE_TAGGED
+                return self.grammars.tool_calls(forced, style, stop_ids, parallel=body.parallel_tool_calls is not False)
+        except GrammarError as error:
+            raise ApiError(400, f"{'response_format' if schema is not None else 'tools'}: {error}",
+                           "response_format" if schema is not None else "tools") from None
+        return None
+
     def encode_prompt(self, prompt: str | list[int]) -> list[int]:
         """Prompt ids of a completion prompt: text (with BOS if the tokenizer asks) or token ids."""
         if isinstance(prompt, str):
@@ -319,25 +357,43 @@ class GenerationService:
             return
         started = time.perf_counter()
         delay = self._token_delay_s
+        index = 0
 
         def on_token(event: TokenEvent) -> None:
             if event.id >= 0:
                 self.counters["tokens_generated"] += 1
-            if event.text:
-                job.emit("token", event.text)
+            if event.text or event.logprobs:
+                job.emit("token", Piece(index, event.text, [event.logprobs] if event.logprobs else []))
             if delay:
                 job.cancelled.wait(delay)
 
+        finish_reasons, completion_tokens, prompt_ms, evaluated = [], 0, 0.0, 0
         try:
-            result = generator.generate(
-                job.prompt_ids,
-                job.max_tokens,
-                Sampler(job.temperature, job.top_p, job.seed),
-                stop_ids=job.stop_ids,
-                stop_strings=job.stop_strings,
-                on_token=on_token,
-                should_stop=job.cancelled.is_set,
-            )
+            if job.prompt_logprobs is not None:
+                scoring = time.perf_counter()
+                job.emit("prompt_logprobs", generator.prompt_logprobs(job.prompt_ids, job.prompt_logprobs))
+                prompt_ms += (time.perf_counter() - scoring) * 1e3
+                evaluated = len(job.prompt_ids)
+            for index in range(job.choices):
+                if job.max_tokens == 0:
+                    finish_reasons.append("length")
+                    continue
+                result = generator.generate(
+                    job.prompt_ids,
+                    job.max_tokens,
+                    job.new_sampler(index),
+                    stop_ids=job.stop_ids,
+                    stop_strings=job.stop_strings,
+                    on_token=on_token,
+                    should_stop=job.cancelled.is_set,
+                )
+                finish_reasons.append(result.finish_reason)
+                completion_tokens += len(result.generated_ids)
+                prompt_ms += sum(s.compute_ms + s.sync_ms for s in result.prompt_steps)
+                if index == 0 and job.prompt_logprobs is None:
+                    evaluated = result.prompt_tokens_evaluated
+                if job.cancelled.is_set():
+                    break
         except ContextFullError as error:
             job.emit("error", ApiError(400, str(error), None, "context_length_exceeded"))
             self.counters["failed"] += 1
@@ -349,6 +405,11 @@ class GenerationService:
             self.log(f"dllama-api: a request failed: {error}")
             self.counters["failed"] += 1
             job.emit("error", ApiError(500, str(error), code="non_finite_logits"))
+            return
+        except ConstraintError as error:  # a grammar that cannot go on (it allows no token here)
+            generator.reset()
+            self.counters["failed"] += 1
+            job.emit("error", ApiError(400, f"response_format: {error}", "response_format"))
             return
         except Exception as error:  # noqa: BLE001
             # A broken engine (a worker died, a socket failed) or a bug: either way its state is
@@ -369,14 +430,13 @@ class GenerationService:
             job.emit("cancelled")
             return
         self.counters["served"] += 1
-        prompt_ms = sum(s.compute_ms + s.sync_ms for s in result.prompt_steps)
         job.emit(
             "done",
             Outcome(
-                result.finish_reason,
+                finish_reasons,
                 len(job.prompt_ids),
-                len(result.generated_ids),
-                result.prompt_tokens_evaluated,
+                completion_tokens,
+                evaluated,
                 (started - job.submitted) * 1e3,
                 prompt_ms,
                 (time.perf_counter() - started) * 1e3 - prompt_ms,

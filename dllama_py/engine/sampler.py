@@ -42,6 +42,10 @@ class SamplerSettings:
     seed: int | None = None
 
 
+class ConstraintError(ValueError):
+    """A grammar cannot go on: it allows no token of the vocabulary here."""
+
+
 class Constraint(Protocol):
     """What a grammar offers the sampler (generation/grammar.py implements it)."""
 
@@ -150,7 +154,7 @@ class Sampler:
         if self.constraint is not None:
             allowed = self.constraint.allowed(n)
             if not allowed.any():
-                raise ValueError("the grammar allows no token here")
+                raise ConstraintError("the grammar allows no token of this vocabulary here")
             x[~allowed] = -np.inf
         return x
 

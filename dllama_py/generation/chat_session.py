@@ -15,9 +15,15 @@ from jinja2 import TemplateError
 from dllama_py.engine.engine import Engine
 from dllama_py.engine.sampler import Sampler
 from dllama_py.generation.generator import GenerationResult, Generator, TokenEvent
+from dllama_py.generation.grammar import CALL_STYLE_JSON, CALL_STYLE_TAGGED
 from dllama_py.text.chat import end_of_turn_tokens, render_chat, resolve_template, tool_support
 from dllama_py.text.tokenizer import Tokenizer
-from dllama_py.text.tool_calls import split_parallel_calls, tool_history_as_text, with_tools_system_prompt
+from dllama_py.text.tool_calls import (
+    TOOL_CALL_OPEN,
+    split_parallel_calls,
+    tool_history_as_text,
+    with_tools_system_prompt,
+)
 
 
 class ChatFormat:
@@ -44,6 +50,14 @@ class ChatFormat:
         them as text: see `tools_system_prompt` in text/tool_calls.py)."""
         support = tool_support(self.template)
         return support.tools and support.tool_calls
+
+    @property
+    def call_style(self) -> str:
+        """How the model writes a tool call: in <tool_call> tags (Qwen3, Hermes, and the system
+        prompt offered when the template has no place for tools) or as a bare JSON object (Llama 3.x)."""
+        if self.renders_tools and TOOL_CALL_OPEN not in self.template:
+            return CALL_STYLE_JSON
+        return CALL_STYLE_TAGGED
 
     def render(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                tools: Sequence[dict[str, Any]] | None = None) -> str:

@@ -134,6 +134,11 @@ class Tokenizer:
             at_start = False
         return ids
 
+    def encode_continuation(self, text: str) -> list[int]:
+        """Token ids for `text` as it would continue other text: no BOS, no sentencepiece dummy
+        prefix, special-token strings taken as text (what a grammar engine tokenizes)."""
+        return self._encode_ordinary(text, at_start=False) if text else []
+
     def _split_special(self, text: str, parse_special: bool) -> Iterable[tuple[str, int | None]]:
         if not parse_special or self._special_pattern is None:
             return [(text, None)]
