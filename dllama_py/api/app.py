@@ -28,7 +28,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dllama_py.api import responses as r
 from dllama_py.api.errors import ApiError
-from dllama_py.api.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest, parse_body
+from dllama_py.api.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingRequest,
+    TokenizeRequest,
+    parse_body,
+)
 from dllama_py.api.service import GenerationService, Job, Outcome, Piece
 from dllama_py.engine.engine import TokenLogprobs
 from dllama_py.engine.sampler import Sampler
@@ -121,6 +128,29 @@ def create_app(
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> dict[str, Any]:
+        """llama-server's /tokenize: {"content", "add_special", "with_pieces"} -> {"tokens"}."""
+        authorize(request)
+        body = parse_body(TokenizeRequest, await request.body())
+        ids = await run_in_threadpool(service.tokenizer.encode, body.content, bool(body.add_special))
+        if not body.with_pieces:
+            return {"tokens": ids}
+        pieces = [service.tokenizer.id_to_piece(i) for i in ids]
+        return {"tokens": [{"id": i, "piece": p.decode("utf-8") if _utf8(p) else list(p)}
+                           for i, p in zip(ids, pieces)]}
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> dict[str, Any]:
+        """llama-server's /detokenize: {"tokens": [ids]} -> {"content"}."""
+        authorize(request)
+        body = parse_body(DetokenizeRequest, await request.body())
+        bad = [t for t in body.tokens if not 0 <= t < service.tokenizer.vocab_size]
+        if bad:
+            raise ApiError(400, f"tokens: ids outside the vocabulary of {service.tokenizer.vocab_size}: {bad[:5]}",
+                           "tokens")
+        return {"content": service.tokenizer.decode(body.tokens)}
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -267,13 +297,21 @@ def create_app(
                 generated = answer.logprobs[index]
                 if body.echo:
                     tokens = prompt_ids + [e.token for e in generated]
-                    entries = r.completion_logprobs(service.tokenizer, answer.prompt_scores + generated, tokens)
+                    entries = r.completion_logprobs(service.tokenizer, answer.prompt_scores + generated, tokens=tokens)
                 else:
                     entries = r.completion_logprobs(service.tokenizer, generated)
             choices.append(r.Choice(echo + text, answer.outcome.finish_reasons[index], logprobs=entries))
         return JSONResponse(r.text_completion(ids, choices, answer.outcome))
 
     return app
+
+
+def _utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 # ---- running a job --------------------------------------------------------------------------

@@ -69,7 +69,7 @@ class SamplingRequest(_Open):
     model: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=0)  # 0: only for completions (echo + logprobs scores a prompt)
     temperature: float | None = Field(None, ge=0, le=2, allow_inf_nan=False)
     top_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
     seed: int | None = None
@@ -356,6 +356,26 @@ class CompletionRequest(SamplingRequest):
         return prompt  # type: ignore[return-value]
 
 
+class TokenizeRequest(_Open):
+    """llama-server's /tokenize body."""
+
+    content: str
+    add_special: bool | None = False
+    with_pieces: bool | None = False
+
+    def check(self) -> None:
+        pass
+
+
+class DetokenizeRequest(_Open):
+    """llama-server's /detokenize body."""
+
+    tokens: list[int]
+
+    def check(self) -> None:
+        pass
+
+
 # ---- parsing --------------------------------------------------------------------------------
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
@@ -374,7 +394,7 @@ def _param_name(loc: tuple[Any, ...]) -> str | None:
     return out or None
 
 
-def parse_body(model: type[SamplingRequest], body: bytes) -> Any:
+def parse_body(model: type[_Open], body: bytes) -> Any:
     """Validate a JSON body as `model` (strict types) and check what it asks for; raises ApiError."""
     try:
         request = model.model_validate_json(body or b"", strict=True)

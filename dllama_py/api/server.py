@@ -53,6 +53,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="model id shown by /v1/models (default: the model file's name without .m)",
     )
     parser.add_argument(
+        "--alias",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name requests may give as 'model' (repeatable; e.g. gpt-4o-mini for a client that "
+        "insists on one); any other name gets 404 model_not_found",
+    )
+    parser.add_argument(
         "--temperature",
         type=float,
         default=0.8,
@@ -216,7 +224,9 @@ def main(argv: list[str] | None = None) -> int:
             f"warning: {service.chat_error}; /v1/chat/completions and the chat page will refuse requests"
         )
     api_key = args.api_key if args.api_key is not None else os.environ.get("DLLAMA_API_KEY") or None
-    app = create_app(service, api_key=api_key, cors_origins=args.cors_origin, model_names=[Path(args.model).stem])
+    app = create_app(
+        service, api_key=api_key, cors_origins=args.cors_origin, model_names=[Path(args.model).stem, *args.alias]
+    )
     host_for_url = f"[{args.host}]" if ":" in args.host else args.host
 
     class Server(uvicorn.Server):
