@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dllama_py.api.errors import bad_request, unsupported
 from dllama_py.engine.sampler import Penalties
+from dllama_py.generation.grammar import closed
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 MAX_STOP_SEQUENCES = 16
@@ -184,7 +185,7 @@ class ChatCompletionRequest(SamplingRequest):
             if not isinstance(schema, dict):
                 raise bad_request("response_format.json_schema.schema: a JSON schema object",
                                   "response_format.json_schema.schema")
-            return schema
+            return closed(schema) if spec.get("strict") is True else schema
         raise bad_request(f"response_format.type: {kind!r} is not one of 'text', 'json_object', 'json_schema'",
                           "response_format.type")
 

@@ -38,6 +38,20 @@ CALL_STYLE_JSON = "json"  # Llama 3.x: {"name": ..., "parameters": {...}}
 JSON_OPTIONS = {"whitespace_pattern": "[ ]?"}
 
 
+def closed(schema: Any) -> Any:
+    """`schema` with additionalProperties false in every object schema that lists properties and
+    does not say: what OpenAI's strict mode requires, and what a tool call's arguments need (a
+    model writes no useful argument the function does not declare)."""
+    if isinstance(schema, list):
+        return [closed(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {key: closed(value) for key, value in schema.items()}
+    if "properties" in out and "additionalProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 class GrammarError(ValueError):
     """A schema or grammar that cannot be compiled; the message says why."""
 
@@ -147,7 +161,7 @@ class Grammars:
         key = "arguments" if style == CALL_STYLE_TAGGED else "parameters"
         alternatives = []
         for function in functions:
-            parameters = function.get("parameters") or {"type": "object"}
+            parameters = closed(function.get("parameters") or {"type": "object", "properties": {}})
             alternatives.append({
                 "type": "object",
                 "properties": {"name": {"const": function["name"]}, key: parameters},
