@@ -20,7 +20,7 @@ import json
 import jsonschema
 import numpy as np
 import pytest
-from api_support import ApiServer
+from api_support import ApiServer, Worker, free_port
 from test_api_tools import ANSWER, FLAVOURS, ScriptedEngine, ScriptedServer, tokenizer_files  # noqa: F401
 
 HI = [{"role": "user", "content": "Describe the weather as JSON."}]
@@ -113,6 +113,27 @@ def test_json_schema_answers_validate(server, name, sampling):
     choice = response.choices[0]
     assert choice.finish_reason == "stop", choice.message.content
     jsonschema.validate(json.loads(choice.message.content), schema)
+
+
+def test_on_a_cluster_the_mask_applies_at_the_root(server, stories_files, tmp_path_factory):
+    """Root + 1 worker: the root gathers every logit and masks them where it samples; the answer
+    validates and equals one node's (the same logits within f32 sums, greedy)."""
+    logs = tmp_path_factory.mktemp("api_cluster_logs")
+    worker = Worker(free_port(), logs / "worker.log")
+    try:
+        cluster = ApiServer(*stories_files, logs / "api.log", "--chat-template", "chatml", "--workers", worker.address)
+        try:
+            schema = SCHEMAS["array of objects with optional fields and null"]
+            body = {"model": "stories260K", "messages": HI, "max_tokens": 300, "temperature": 0,
+                    "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}}}
+            answer = cluster.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+        finally:
+            cluster.stop()
+    finally:
+        worker.stop()
+    jsonschema.validate(json.loads(answer), schema)
+    alone = server.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    assert answer == alone
 
 
 def test_json_object_answers_are_objects_streamed_and_not(random_server):
