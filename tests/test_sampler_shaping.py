@@ -168,3 +168,11 @@ def test_bad_settings_are_refused(kwargs):
 def test_bad_penalties_are_refused(kwargs):
     with pytest.raises(ValueError):
         Penalties(**kwargs)
+
+
+@pytest.mark.parametrize("temperature", [1e-310, 5e-324, 1e-25])
+@pytest.mark.parametrize("kwargs", [{}, {"top_k": 3}, {"min_p": 0.1}])
+def test_a_vanishing_temperature_is_greedy(temperature, kwargs):
+    """Found by the API fuzzer: a denormal temperature made every probability NaN (IndexError)."""
+    s = Sampler(temperature, 0.9, 1, **kwargs)
+    assert s.greedy and s.sample(LOGITS) == int(np.argmax(LOGITS))

@@ -152,6 +152,11 @@ def create_app(
                            "tokens")
         return {"content": service.tokenizer.decode(body.tokens)}
 
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi() -> dict[str, Any]:
+        """This server's OpenAPI document: the request bodies exactly as they are validated."""
+        return openapi_document()
+
     @app.get("/health")
     async def health() -> JSONResponse:
         status = service.health()
@@ -304,6 +309,52 @@ def create_app(
         return JSONResponse(r.text_completion(ids, choices, answer.outcome))
 
     return app
+
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "object", "required": ["message", "type", "param", "code"], "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+    "required": ["error"],
+}
+
+
+def openapi_document() -> dict[str, Any]:
+    """OpenAPI 3.1 for the routes a client calls, the bodies from the pydantic models that parse
+    them (schemas.py), every error in OpenAI's shape. Fuzzed by tests/test_fuzz_api.py."""
+    components: dict[str, Any] = {"Error": ERROR_SCHEMA}
+
+    def body(model: type) -> dict[str, Any]:
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        return {"required": True, "content": {"application/json": {
+            "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+
+    errors = {str(code): {"description": "an error", "content": {"application/json": {
+        "schema": {"$ref": "#/components/schemas/Error"}}}} for code in (400, 401, 404, 429, 503)}
+    ok = {"200": {"description": "the answer (JSON, or Server-Sent Events when streamed)"}}
+
+    def post(summary: str, model: type) -> dict[str, Any]:
+        return {"post": {"summary": summary, "requestBody": body(model), "responses": {**ok, **errors}}}
+
+    def get(summary: str) -> dict[str, Any]:
+        return {"get": {"summary": summary, "responses": {**ok, **errors}}}
+
+    paths = {
+        "/v1/chat/completions": post("chat", ChatCompletionRequest),
+        "/v1/completions": post("completion", CompletionRequest),
+        "/tokenize": post("text to token ids", TokenizeRequest),
+        "/detokenize": post("token ids to text", DetokenizeRequest),
+        "/v1/models": get("the model served"),
+        "/v1/models/{model_id}": {"get": {
+            "summary": "one model", "responses": {**ok, **errors},
+            "parameters": [{"name": "model_id", "in": "path", "required": True, "schema": {"type": "string"}}]}},
+        "/health": get("status"),
+    }
+    return {"openapi": "3.1.0", "info": {"title": "dllama-api", "version": "1"}, "paths": paths,
+            "components": {"schemas": components}}
 
 
 def _utf8(data: bytes) -> bool:

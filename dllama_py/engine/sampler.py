@@ -1,7 +1,7 @@
 """Token sampling as distributed-llama (and llama2.c) does it, plus what OpenAI's API and
 llama.cpp's server add.
 
-Temperature 0 is greedy (first index of the maximum). Otherwise logits are divided by the
+Temperature 0 (or below GREEDY_BELOW) is greedy (first index of the maximum). Otherwise logits are divided by the
 temperature, softmaxed, and a coin from a xorshift64* generator seeded by `seed` picks the
 token: multinomial when top-p is outside (0, 1), else nucleus sampling with llama2.c's
 pre-cut of candidates below (1 - p) / (n - 1). The same seed gives the same tokens.
@@ -31,6 +31,10 @@ from typing import Protocol
 import numpy as np
 
 MASK64 = (1 << 64) - 1
+# Below this temperature sampling is greedy: logits divided by it overflow the float32 values the
+# nodes send (TOPK) and then float64 (a denormal 1e-310 turned every probability into NaN), while
+# any gap between two logits already makes the second one vanish (e^-1e18 for a gap of 0.01).
+GREEDY_BELOW = 1e-20
 
 
 @dataclass
@@ -100,7 +104,7 @@ class Sampler:
             raise ValueError(f"min_p must lie in [0, 1], got {min_p}")
         if logprobs is not None and logprobs < 0:
             raise ValueError(f"the number of top log-probabilities must not be negative, got {logprobs}")
-        self.temperature = float(temperature)
+        self.temperature = float(temperature) if temperature >= GREEDY_BELOW else 0.0
         self.topp = float(topp)
         self.top_k, self.min_p = int(top_k), float(min_p)
         self.penalties = penalties if penalties is not None and penalties.active else None
