@@ -8,7 +8,8 @@ Cases per operation and mode: DLLAMA_API_FUZZ_CASES (default 100, 800 requests w
 all; CI runs the default). Seeded (derandomized)
 with a fixed server seed, so a failure repeats. The server runs with a 64-token context so
 generated requests stay short. Found so far: a denormal temperature (1e-310) with top_k made
-every probability NaN and the sampler raised IndexError (a 503 and a reloaded model).
+every probability NaN and the sampler raised IndexError (a 503 and a reloaded model); so did a
+repeat_penalty of 5e-324 (logits divided by it overflowed; it is now bounded to [0.01, 100]).
 """
 
 from __future__ import annotations
@@ -83,6 +84,12 @@ def test_a_denormal_temperature_is_greedy(fuzzed_server, extra):
     greedy = httpx.post(f"{fuzzed_server.url}/v1/completions", json={**body, "temperature": 0}, timeout=60)
     assert tiny.status_code == 200, tiny.text
     assert tiny.json()["choices"][0]["text"] == greedy.json()["choices"][0]["text"]
+
+
+def test_a_repeat_penalty_that_would_overflow_is_a_400(fuzzed_server):
+    answer = httpx.post(f"{fuzzed_server.url}/v1/completions", json={"prompt": "Once", "repeat_penalty": 5e-324},
+                        timeout=60)
+    assert answer.status_code == 400 and answer.json()["error"]["param"] == "repeat_penalty"
 
 
 def test_the_server_still_serves_after_the_fuzzing(fuzzed_server, api_schema):

@@ -164,7 +164,8 @@ def test_bad_settings_are_refused(kwargs):
         Sampler(0.5, **kwargs)
 
 
-@pytest.mark.parametrize("kwargs", [{"repeat": 0.0}, {"presence": float("nan")}, {"repeat_last_n": -1}])
+@pytest.mark.parametrize("kwargs", [{"repeat": 0.0}, {"repeat": 5e-324}, {"repeat": 1e3}, {"presence": float("nan")},
+                                    {"repeat_last_n": -1}])
 def test_bad_penalties_are_refused(kwargs):
     with pytest.raises(ValueError):
         Penalties(**kwargs)

@@ -23,7 +23,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from dllama_py.api.errors import bad_request, unsupported
-from dllama_py.engine.sampler import Penalties
+from dllama_py.engine.sampler import MAX_REPEAT_PENALTY, MIN_REPEAT_PENALTY, Penalties
 from dllama_py.generation.grammar import closed
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -84,7 +84,7 @@ class SamplingRequest(_Open):
     # llama.cpp's extensions
     top_k: int | None = Field(None, ge=0)
     min_p: float | None = Field(None, ge=0, le=1, allow_inf_nan=False)
-    repeat_penalty: float | None = Field(None, gt=0, le=10, allow_inf_nan=False)
+    repeat_penalty: float | None = Field(None, ge=MIN_REPEAT_PENALTY, le=MAX_REPEAT_PENALTY, allow_inf_nan=False)
     repeat_last_n: int | None = Field(None, ge=0)
 
     def stop_strings(self) -> list[str]:

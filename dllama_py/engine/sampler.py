@@ -35,6 +35,9 @@ MASK64 = (1 << 64) - 1
 # nodes send (TOPK) and then float64 (a denormal 1e-310 turned every probability into NaN), while
 # any gap between two logits already makes the second one vanish (e^-1e18 for a gap of 0.01).
 GREEDY_BELOW = 1e-20
+# A repeat penalty divides or multiplies logits: far from 1 it overflows them (5e-324 did, found
+# by the API fuzzer) and means nothing more than "never repeat" / "always repeat".
+MIN_REPEAT_PENALTY, MAX_REPEAT_PENALTY = 0.01, 100.0
 
 
 @dataclass
@@ -77,8 +80,9 @@ class Penalties:
             value = getattr(self, name)
             if not np.isfinite(value):
                 raise ValueError(f"the {name} penalty must be a finite number, got {value}")
-        if not self.repeat > 0:
-            raise ValueError(f"the repeat penalty must be positive, got {self.repeat}")
+        if not MIN_REPEAT_PENALTY <= self.repeat <= MAX_REPEAT_PENALTY:
+            raise ValueError(f"the repeat penalty must lie in [{MIN_REPEAT_PENALTY}, {MAX_REPEAT_PENALTY}], "
+                             f"got {self.repeat}")
         if self.repeat_last_n < 0:
             raise ValueError(f"repeat_last_n must not be negative, got {self.repeat_last_n}")
 
