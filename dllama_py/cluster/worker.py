@@ -123,6 +123,9 @@ class Reception:
         self._dropped: set[socket.socket] = set()
         self._claimed = False  # a root authenticated: accept nothing more until release()
         self._outcomes: queue.Queue[tuple[socket.socket, p.Setup, str] | None] = queue.Queue()
+        # a handshake thread that wins wakes next_root's select at once (not at its next timeout)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
 
     def next_root(self, listener: socket.socket) -> tuple[socket.socket, p.Setup, str]:
         """Accept connections until a root has authenticated and sent its setup: (its socket,
@@ -136,8 +139,13 @@ class Reception:
                 if outcome is not None:
                     return outcome
                 continue  # that root went away before its setup: accept again
-            ready, _, _ = select.select([listener], [], [], 0.2)
-            if not ready:
+            ready, _, _ = select.select([listener, self._wake_r], [], [], 1.0)
+            if self._wake_r in ready:
+                try:
+                    self._wake_r.recv(64)
+                except BlockingIOError:
+                    pass
+            if listener not in ready:
                 continue
             with self._lock:
                 if self._claimed:  # a connection made after a root authenticated is its session's
@@ -179,6 +187,8 @@ class Reception:
                 self._pending.pop(conn, None)
                 won = not self._claimed and conn not in self._dropped
                 self._claimed = self._claimed or won
+            if won:
+                self._wake_w.send(b"w")
             if not won:
                 p.send_frame(Deadline(conn, HANDSHAKE_TIMEOUT_S), p.Welcome(p.WelcomeStatus.BUSY).encode())
                 log(f"told root {who} that this worker is busy with another root")
