@@ -67,6 +67,9 @@ WRONG_VALUES = [None, True, False, 0, -1, 1, 2**31, 2**64, 10**400, 1.5, -0.0, 1
                 [[0, 1], [1, 2, 3]], "\u0000\udfff"]
 
 
+SLOTS = 3  # KV-cache slots of the fuzzer's valid sessions
+
+
 @dataclass
 class Ctx:
     """What the generators need: the real model's header and width, the worker's address."""
@@ -82,7 +85,7 @@ class Ctx:
 def valid_setup(ctx: Ctx, rng: random.Random, **changes) -> dict:
     data = dict(session=rng.randbytes(16).hex(), node_index=1, addresses=["root", ctx.address],
                 header=[list(item) for item in ctx.header], buffer_type="f32", seq_len=64, max_batch=4,
-                kv_storage="ram", timeout_ms=120_000, model_id="", shares=None)
+                kv_storage="ram", timeout_ms=120_000, model_id="", shares=None, slots=SLOTS)
     data.update(changes)
     return data
 
@@ -102,6 +105,7 @@ def setup_json(ctx: Ctx, rng: random.Random) -> bytes:
         data.update(rng.choice([
             dict(node_index=rng.choice([-1, 0, 2, 99, 2**40])), dict(seq_len=rng.choice([-5, 0, 1, 65, 513, 2**62])),
             dict(max_batch=rng.choice([-1, 0, 1025, 2**40])), dict(timeout_ms=rng.choice([-1, 0, 3_600_001])),
+            dict(slots=rng.choice([-1, 0, 257, 2**40])),
             dict(buffer_type=rng.choice(["q80", "q4", "", "F32"])), dict(kv_storage=rng.choice(["disk", "", "tape"])),
             dict(shares=rng.choice([[], [1.0], [1.0, 0.0], [1, -1], [1e308, 1e308], [0.5, 0.5, 0.5]])),
             dict(addresses=rng.choice([["root"], [], ["root", ctx.address, ctx.closed], ["root", "nohost"],
@@ -134,24 +138,40 @@ def setup_json(ctx: Ctx, rng: random.Random) -> bytes:
 
 
 def step_body(ctx: Ctx, rng: random.Random, valid: bool) -> bytes:
-    """A STEP body; with valid, one the worker's session (max_batch 4, seq_len 64) can run."""
+    """A STEP body; with valid, one the worker's session (max_batch 4, seq_len 64, SLOTS slots) can
+    run: one to three segments in distinct slots."""
     if valid:
-        mode = rng.choice([0, 1, 2, 3])
-        all_logits = 1 if mode == 2 and rng.random() < 0.5 else 0
-        rows = rng.randint(1, 4)
-        position = rng.randint(0, 64 - rows)
-        return (p.STEP.pack(all_logits, mode, rows, position, rng.choice([0.1, 1.0, 7.5]), rng.choice([0, 1, 100, 512]))
-                + np.asarray(np.random.default_rng(rng.randrange(1 << 32)).standard_normal((rows, ctx.dim)),
-                             dtype="<f4").tobytes())
-    flags = rng.choice([0, 1, 2, 255])
-    mode = rng.choice([0, 1, 2, 3, 4, 255])
-    rows = rng.choice([0, 1, 4, 5, 1024, 65535])
-    position = rng.choice([0, 63, 64, 2**31 - 1, 2**31, 2**32 - 1])
-    temperature = rng.choice([1.0, 0.0, -1.0, float("nan"), float("inf"), 1e-45])
-    vocab = rng.choice([0, 512, 513, 2**32 - 1])
-    x_rows = rng.choice([rows, max(rows - 1, 0), rows + 1, 0])
-    x = rng.randbytes(min(x_rows, 8) * ctx.dim * 4 + rng.choice([0, 0, 1, 3]))
-    return p.STEP.pack(flags, mode, rows, position, temperature, vocab) + x
+        slots = list(range(SLOTS))
+        rng.shuffle(slots)
+        total = rng.randint(1, 4)
+        count = rng.randint(1, min(total, len(slots), 3))
+        sizes = [1] * count
+        for _ in range(total - count):
+            sizes[rng.randrange(count)] += 1
+        head = p.STEP.pack(count)
+        for slot, rows in zip(slots, sizes):
+            mode = rng.choice([0, 1, 2, 3])
+            all_logits = 1 if mode == 2 and rng.random() < 0.5 else 0
+            position = rng.randint(0, 64 - rows)
+            head += p.SEGMENT.pack(slot, all_logits, mode, rows, position, rng.choice([0.1, 1.0, 7.5]),
+                                   rng.choice([0, 1, 100, 512]))
+        return head + np.asarray(np.random.default_rng(rng.randrange(1 << 32)).standard_normal((total, ctx.dim)),
+                                 dtype="<f4").tobytes()
+    count = rng.choice([0, 1, 1, 2, 3, 1025, 65535])
+    head = p.STEP.pack(count)
+    rows_total = 0
+    for _ in range(min(count, 3)):
+        flags = rng.choice([0, 1, 2, 255])
+        mode = rng.choice([0, 1, 2, 3, 4, 255])
+        rows = rng.choice([0, 1, 4, 5, 1024, 65535])
+        slot = rng.choice([0, 0, 1, SLOTS, 65535])
+        position = rng.choice([0, 63, 64, 2**31 - 1, 2**31, 2**32 - 1])
+        temperature = rng.choice([1.0, 0.0, -1.0, float("nan"), float("inf"), 1e-45])
+        vocab = rng.choice([0, 512, 513, 2**32 - 1])
+        head += p.SEGMENT.pack(slot, flags, mode, rows, position, temperature, vocab)
+        rows_total += rows
+    x_rows = rng.choice([rows_total, max(rows_total - 1, 0), rows_total + 1, 0])
+    return head + rng.randbytes(min(x_rows, 8) * ctx.dim * 4 + rng.choice([0, 0, 1, 3]))
 
 
 def message(ctx: Ctx, rng: random.Random, kind: int | None = None) -> bytes:

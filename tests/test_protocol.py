@@ -13,6 +13,7 @@ import pytest
 
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.protocol import LogitsMode, MsgType, ProtocolError
+from dllama_py.engine.exchange import Readout, Segment
 
 DIM = 8
 NONCE = bytes(range(16))
@@ -21,7 +22,7 @@ SPEED = struct.Struct("<fQ")  # the end of WELCOME: matmul speed (GB/s), availab
 
 def pack(kind: MsgType, body: bytes = b"") -> bytes:
     """A payload built by hand, as root.py and worker.py built them before the typed messages."""
-    return struct.pack("<4sHB", b"DLPY", 2, int(kind)) + body
+    return struct.pack("<4sHB", b"DLPY", 3, int(kind)) + body
 
 PROOF = bytes(range(100, 132))
 
@@ -34,11 +35,13 @@ def setup_message(**changes) -> p.Setup:
     return p.Setup(**fields)
 
 
-def step_message(rows: int = 3, **changes) -> p.Step:
-    x = np.arange(rows * DIM, dtype=np.float32).reshape(rows, DIM) / 7
-    fields = dict(mode=LogitsMode.TOPK, all_logits=True, position=12345, temperature=0.5, vocab_limit=32000, x=x)
-    fields.update(changes)
-    return p.Step(**fields)
+def step_message(rows: int = 3, mode: LogitsMode = LogitsMode.FULL, all_logits: bool = True,
+                 x: np.ndarray | None = None, slot: int = 2) -> p.Step:
+    """One segment of `rows` rows in KV slot `slot` at position 12345."""
+    if x is None:
+        x = np.arange(rows * DIM, dtype=np.float32).reshape(rows, DIM) / 7
+    readout = Readout(mode, all_logits and mode == LogitsMode.FULL, 0.5, 32000)
+    return p.Step([Segment(slot, 12345, x.shape[0], readout)], x)
 
 
 MESSAGES = [
@@ -61,7 +64,7 @@ MESSAGES = [
 
 
 def payload(kind: MsgType, body: bytes = b"") -> bytes:
-    return struct.pack("<4sHB", b"DLPY", 2, int(kind)) + body
+    return struct.pack("<4sHB", b"DLPY", 3, int(kind)) + body
 
 
 # ---- round trips ------------------------------------------------------------------------------
@@ -86,8 +89,9 @@ def test_step_reads_back_equal_with_a_read_only_view_of_the_payload(mode, rows):
     data = step.encode()
     back = p.read(data, p.Step, dim=DIM)
     assert isinstance(back, p.Step) and back == step and back.batch == rows
-    assert (back.mode, back.all_logits, back.position, back.temperature, back.vocab_limit) == \
-        (mode, rows > 1, 12345, 0.5, 32000)
+    (segment,) = back.segments
+    assert (segment.slot, segment.position, segment.rows) == (2, 12345, rows)
+    assert segment.readout == Readout(mode, rows > 1 and mode == LogitsMode.FULL, 0.5, 32000)
     assert back.x.shape == (rows, DIM) and back.x.dtype == np.float32
     np.testing.assert_array_equal(back.x, step.x)
     assert not back.x.flags.writeable and not back.x.flags.owndata
@@ -118,7 +122,7 @@ def test_step_encode_copies_x_once():
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()
-    assert len(data) == p.HEADER.size + p.STEP.size + x.nbytes
+    assert len(data) == p.HEADER.size + p.STEP.size + p.SEGMENT.size + x.nbytes
     assert peak < 1.25 * x.nbytes, peak  # the payload itself, and nothing of its size besides
 
 
@@ -164,13 +168,19 @@ def test_typed_encodings_are_the_hand_made_bytes():
     assert p.Ready(False).encode() == pack(MsgType.READY, bytes([0]))
     assert p.Error("why").encode() == pack(MsgType.ERROR, "why".encode("utf-8")[:4000])
     step = step_message()
-    header = p.STEP.pack(p.STEP_ALL_LOGITS, int(LogitsMode.TOPK), 3, 12345, 0.5, 32000)
+    header = p.STEP.pack(1) + p.SEGMENT.pack(2, p.STEP_ALL_LOGITS, int(LogitsMode.FULL), 3, 12345, 0.5, 32000)
     assert step.encode() == pack(MsgType.STEP, header + step.x.tobytes())
+    two = p.Step([Segment(0, 7, 2, Readout(LogitsMode.ARGMAX)), Segment(5, 0, 1, Readout(LogitsMode.NONE))],
+                 np.zeros((3, DIM), np.float32))
+    header = p.STEP.pack(2) + p.SEGMENT.pack(0, 0, int(LogitsMode.ARGMAX), 2, 7, 1.0, 0) + \
+        p.SEGMENT.pack(5, 0, int(LogitsMode.NONE), 1, 0, 1.0, 0)
+    assert two.encode() == pack(MsgType.STEP, header + two.x.tobytes())
+    assert p.read(two.encode(), p.Step, dim=DIM) == two
     assert p.End().encode() == pack(MsgType.END)
     assert p.SendLogits().encode() == pack(MsgType.LOGITS)
     assert p.Loaded().encode() == pack(MsgType.LOADED)
     assert p.Loading().encode() == pack(MsgType.LOADING)
-    assert p.VERSION == 2 and p.HelloWorker(NONCE).encode()[:7] == b"DLPY\x02\x00\x01"
+    assert p.VERSION == 3 and p.HelloWorker(NONCE).encode()[:7] == b"DLPY\x03\x00\x01"
 
 
 def test_logits_mode_is_the_engines():
@@ -185,11 +195,11 @@ def refused(data: bytes, *expected: type, match: str, dim: int | None = DIM) -> 
 
 
 @pytest.mark.parametrize("data, match", [
-    (b"DLPY\x02\x00", "too short"),
+    (b"DLPY\x03\x00", "too short"),
     (b"XXXX\x02\x00\x01" + NONCE, "wrong magic"),
-    (b"DLPY\x63\x00\x01" + NONCE, "protocol version 99, this node speaks 2"),
-    (b"DLPY\x02\x00\x63", "unknown message type 99"),
-    (b"DLPY\x02\x00\x00", "unknown message type 0"),
+    (b"DLPY\x63\x00\x01" + NONCE, "protocol version 99, this node speaks 3"),
+    (b"DLPY\x03\x00\x63", "unknown message type 99"),
+    (b"DLPY\x03\x00\x00", "unknown message type 0"),
 ])
 def test_header_refusals_say_what_is_wrong(data, match):
     refused(data, match=match)
@@ -313,10 +323,11 @@ def test_setup_that_is_not_a_json_object_is_refused(body, match):
     refused(payload(MsgType.SETUP, body), p.Setup, match=match)
 
 
-def step_body(flags=1, mode=int(LogitsMode.TOPK), batch=2, position=0, temperature=1.0, vocab_limit=100,
-              floats: int | None = None) -> bytes:
-    n = batch * DIM if floats is None else floats
-    return p.STEP.pack(flags, mode, batch, position, temperature, vocab_limit) + np.ones(n, np.float32).tobytes()
+def step_body(flags=1, mode=int(LogitsMode.FULL), batch=2, position=0, temperature=1.0, vocab_limit=100,
+              floats: int | None = None, segments: int = 1) -> bytes:
+    n = batch * DIM * segments if floats is None else floats
+    head = p.STEP.pack(segments) + p.SEGMENT.pack(0, flags, mode, batch, position, temperature, vocab_limit) * segments
+    return head + np.ones(n, np.float32).tobytes()
 
 
 @pytest.mark.parametrize("body, match", [
@@ -324,16 +335,20 @@ def step_body(flags=1, mode=int(LogitsMode.TOPK), batch=2, position=0, temperatu
     (step_body(temperature=float("inf")), "temperature inf"),
     (step_body(temperature=0.0), "temperature 0.0"),
     (step_body(temperature=-1.0), "temperature -1.0"),
-    (step_body(batch=0), "no rows"),
+    (step_body(batch=0), "a segment without rows"),
     (step_body(mode=4), "unknown logits mode 4"),
     (step_body(mode=255), "unknown logits mode 255"),
     (step_body(flags=2), "unknown flags 0x02"),
-    (step_body(floats=2 * DIM - 1), f"expected {p.STEP.size + 2 * DIM * 4} for 2 rows of {DIM}"),
+    (step_body(flags=1, mode=int(LogitsMode.TOPK)), "every row travel only in full"),
+    (step_body(segments=0, floats=0), "0 segments"),
+    (p.STEP.pack(p.MAX_SEGMENTS + 1), f"{p.MAX_SEGMENTS + 1} segments"),
+    (p.STEP.pack(2) + p.SEGMENT.pack(0, 0, 0, 1, 0, 1.0, 0), "shorter than its 2 segments"),
+    (step_body(floats=2 * DIM - 1), f"expected {p.STEP.size + p.SEGMENT.size + 2 * DIM * 4} for 2 rows of {DIM}"),
     (step_body(floats=2 * DIM + 1), "for 2 rows of 8"),
     (step_body(floats=3 * DIM), "for 2 rows of 8"),
     (step_body(floats=0), "for 2 rows of 8"),
     (step_body()[:-1], "for 2 rows of 8"),
-    (p.STEP.pack(0, 0, 1, 0, 1.0, 0)[:-1], f"shorter than its {p.STEP.size}-byte header"),
+    (p.STEP.pack(1)[:-1], f"shorter than its {p.STEP.size}-byte header"),
     (b"", f"shorter than its {p.STEP.size}-byte header"),
 ])
 def test_bad_steps_are_refused(body, match):
@@ -367,8 +382,10 @@ def test_encode_refuses_what_decode_would_refuse():
         p.Welcome(p.WelcomeStatus.BUSY, PROOF).encode()
     with pytest.raises(ValueError, match="speed_gbps"):
         p.Welcome(p.WelcomeStatus.OK, PROOF, float("nan")).encode()
-    with pytest.raises(ValueError, match="temperature"):
-        step_message(temperature=0.0).encode()
+    with pytest.raises(ValueError, match="holding the 3 rows"):
+        p.Step([Segment(0, 0, 2, Readout(LogitsMode.NONE))], np.zeros((3, DIM), np.float32)).encode()
+    with pytest.raises(ValueError, match="1 to 1024"):
+        p.Step([], np.zeros((3, DIM), np.float32)).encode()
     with pytest.raises(ValueError, match="1 to 65535 rows"):
         step_message(x=np.zeros((0, DIM), np.float32)).encode()
     with pytest.raises(ValueError, match="1 to 65535 rows"):

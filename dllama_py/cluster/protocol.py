@@ -52,22 +52,25 @@ from typing import Any, Callable, ClassVar, TypeVar, overload
 
 import numpy as np
 
-from dllama_py.engine.exchange import LogitsMode  # Step carries it
+from dllama_py.engine.exchange import LogitsMode, Readout, Segment  # Step carries them
 
 MAGIC = b"DLPY"
-VERSION = 2  # 2: SETUP names the model, READY says whether the worker has its slices, LOADED
+VERSION = 3  # 3: SETUP has KV slots, a STEP carries segments (sequences); 2: SETUP names the model, READY
+# says whether the worker has its slices, LOADED
 HEADER = struct.Struct("<4sHB")  # magic, version, type
 MAX_SETUP_BYTES = 1 << 20  # a handshake or setup message never needs more
 NONCE_BYTES = 16
 PROOF_BYTES = 32  # HMAC-SHA256
 MAX_ERROR_BYTES = 4000  # the longest reason an ERROR carries
-STEP = struct.Struct("<BBHIfI")  # flags, logits mode, batch rows, first position, temperature, vocab limit
+STEP = struct.Struct("<H")  # segments, then each SEGMENT, then the rows
+SEGMENT = struct.Struct("<HBBHIfI")  # KV slot, flags, logits mode, rows, first position, temperature, vocab limit
+MAX_SEGMENTS = 1024
 HELLO_ROOT = struct.Struct(f"<{NONCE_BYTES}s{PROOF_BYTES}s")  # nonce, proof
 WELCOME = struct.Struct(f"<B{PROOF_BYTES}sfQ")  # status, proof, matmul speed (GB/s), available RAM (bytes)
 MESH_HELLO = struct.Struct(f"<{NONCE_BYTES}sI{PROOF_BYTES}s")  # session, node index, proof
 _F32 = np.dtype("<f4")
 
-STEP_ALL_LOGITS = 1  # STEP flag: keep the logits of every row, not only the last
+STEP_ALL_LOGITS = 1  # SEGMENT flag: keep the logits of every row, not only the last
 READY_HAS_WEIGHTS = 1  # READY flag: the worker read its slices from its cache; ship nothing
 
 
@@ -309,6 +312,7 @@ _SETUP_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "timeout_ms": (_is_int, "an integer"),
     "model_id": (lambda v: isinstance(v, str), "a string"),
     "shares": (_is_shares, "null or a list of finite numbers"),
+    "slots": (_is_int, "an integer"),
 }
 
 
@@ -329,6 +333,7 @@ class Setup(Message):
     timeout_ms: int
     model_id: str  # the model's fingerprint (cluster/slice_cache.py)
     shares: list[float] | None = None  # every node's relative share of the work (plan.py); None: equal
+    slots: int = 1  # KV-cache slots (sequences at once)
 
     def _body(self) -> bytes:
         return json.dumps(self.__dict__).encode("utf-8")
@@ -418,16 +423,13 @@ class Error(Message):
 
 @dataclass(frozen=True, eq=False)
 class Step(Message):
-    """One step for every node: x (batch rows of the model width, float32), the rows' first
-    position, and what of the logits the workers send back (mode; all_logits: of every row, not
-    only the last; temperature and vocab_limit for TOPK and ARGMAX)."""
+    """One step for every node: x (batch rows of the model width, float32), and the segments
+    those rows belong to, in order: each a sequence's KV slot, first position, row count and what
+    of its logits the workers send back (mode; all rows or the last; temperature and vocab_limit
+    for TOPK and ARGMAX)."""
 
     kind = MsgType.STEP
-    mode: LogitsMode
-    all_logits: bool
-    position: int
-    temperature: float
-    vocab_limit: int
+    segments: list[Segment]
     x: np.ndarray  # (batch, dim) float32; decode gives a read-only view of the received bytes
 
     @property
@@ -439,11 +441,17 @@ class Step(Message):
         x = np.ascontiguousarray(self.x, dtype=_F32)
         if x.ndim != 2 or not 0 < x.shape[0] <= 0xFFFF or x.shape[1] == 0:
             raise ValueError(f"Step.x must be (batch, dim) with 1 to 65535 rows, got shape {x.shape}")
-        if not (math.isfinite(self.temperature) and self.temperature > 0):
-            raise ValueError(f"Step.temperature must be finite and > 0, got {self.temperature}")
-        head = _head(self.kind) + STEP.pack(STEP_ALL_LOGITS if self.all_logits else 0, int(LogitsMode(self.mode)),
-                                            x.shape[0], self.position, self.temperature, self.vocab_limit)
-        return b"".join((head, memoryview(x).cast("B")))
+        if not 0 < len(self.segments) <= MAX_SEGMENTS or sum(seg.rows for seg in self.segments) != x.shape[0]:
+            raise ValueError(f"Step.segments must be 1 to {MAX_SEGMENTS} holding the {x.shape[0]} rows of x")
+        parts = [_head(self.kind), STEP.pack(len(self.segments))]
+        for seg in self.segments:
+            r = seg.readout
+            if not (math.isfinite(r.temperature) and r.temperature > 0):
+                raise ValueError(f"Step temperature must be finite and > 0, got {r.temperature}")
+            parts.append(SEGMENT.pack(seg.slot, STEP_ALL_LOGITS if r.all_rows else 0, int(LogitsMode(r.mode)),
+                                      seg.rows, seg.position, r.temperature, r.vocab_limit))
+        parts.append(memoryview(x).cast("B"))
+        return b"".join(parts)
 
     @classmethod
     def decode(cls, body: Body, dim: int) -> Step:  # type: ignore[override]
@@ -453,30 +461,43 @@ class Step(Message):
             raise ValueError(f"model width must be positive, got {dim}")
         if len(body) < STEP.size:
             raise ProtocolError(f"malformed STEP: {len(body)} bytes, shorter than its {STEP.size}-byte header")
-        flags, code, batch, position, temperature, vocab_limit = STEP.unpack_from(body)
-        if flags & ~STEP_ALL_LOGITS:
-            raise ProtocolError(f"malformed STEP: unknown flags {flags:#04x}")
-        try:
-            mode = LogitsMode(code)
-        except ValueError:
-            raise ProtocolError(f"malformed STEP: unknown logits mode {code}") from None
-        if batch == 0:
-            raise ProtocolError("malformed STEP: no rows")
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ProtocolError(f"malformed STEP: temperature {temperature}")
-        size = STEP.size + batch * dim * _F32.itemsize
+        (count,) = STEP.unpack_from(body)
+        if not 0 < count <= MAX_SEGMENTS:
+            raise ProtocolError(f"malformed STEP: {count} segments (1 to {MAX_SEGMENTS})")
+        head = STEP.size + count * SEGMENT.size
+        if len(body) < head:
+            raise ProtocolError(f"malformed STEP: {len(body)} bytes, shorter than its {count} segments")
+        segments, batch = [], 0
+        for i in range(count):
+            slot, flags, code, rows, position, temperature, vocab_limit = SEGMENT.unpack_from(
+                body, STEP.size + i * SEGMENT.size)
+            if flags & ~STEP_ALL_LOGITS:
+                raise ProtocolError(f"malformed STEP: unknown flags {flags:#04x}")
+            try:
+                mode = LogitsMode(code)
+            except ValueError:
+                raise ProtocolError(f"malformed STEP: unknown logits mode {code}") from None
+            if rows == 0:
+                raise ProtocolError("malformed STEP: a segment without rows")
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ProtocolError(f"malformed STEP: temperature {temperature}")
+            try:
+                readout = Readout(mode, bool(flags & STEP_ALL_LOGITS), temperature, vocab_limit)
+            except ValueError as error:
+                raise ProtocolError(f"malformed STEP: {error}") from None
+            segments.append(Segment(slot, position, rows, readout))
+            batch += rows
+        size = head + batch * dim * _F32.itemsize
         if len(body) != size:
             raise ProtocolError(f"malformed STEP: {len(body)} bytes, expected {size} for {batch} rows of {dim}")
-        x = np.frombuffer(body, dtype=_F32, count=batch * dim, offset=STEP.size).reshape(batch, dim)
+        x = np.frombuffer(body, dtype=_F32, count=batch * dim, offset=head).reshape(batch, dim)
         x.flags.writeable = False
-        return cls(mode, bool(flags & STEP_ALL_LOGITS), position, temperature, vocab_limit, x)
+        return cls(segments, x)
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Step):
             return NotImplemented
-        return ((self.mode, self.all_logits, self.position, self.temperature, self.vocab_limit)
-                == (other.mode, other.all_logits, other.position, other.temperature, other.vocab_limit)
-                and np.array_equal(self.x, other.x))
+        return self.segments == other.segments and np.array_equal(self.x, other.x)
 
     __hash__ = None  # type: ignore[assignment]  # x is mutable
 

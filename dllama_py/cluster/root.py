@@ -8,6 +8,7 @@ streamed to it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import time
@@ -21,7 +22,7 @@ from dllama_py.cluster import protocol as p
 from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh
 from dllama_py.cluster.slice_cache import model_fingerprint
 from dllama_py.engine.engine import Engine, EngineError, default_buffer_type
-from dllama_py.engine.exchange import Readout
+from dllama_py.engine.exchange import Segment
 from dllama_py.engine.transport import NodeReport, Session
 from dllama_py.formats.model_file import ModelFile
 from dllama_py.model.config import ModelConfig
@@ -85,10 +86,13 @@ class ClusterTransport:
         self._wait_loaded()
         self.mesh.reset_counters()  # per-step traffic starts here (workers reset too)
 
-    def send_step(self, readout: Readout, position: int, x: np.ndarray) -> None:
-        limit = readout.vocab_limit or self.plan.config.vocab_size
-        message = p.Step(readout.mode, readout.all_rows, position, readout.temperature, limit, x).encode()
-        self.mesh.broadcast_message(message, f"sending step at position {position}")
+    def send_step(self, segments: list[Segment], x: np.ndarray) -> None:
+        vocab = self.plan.config.vocab_size
+        limited = [seg if seg.readout.vocab_limit else
+                   dataclasses.replace(seg, readout=dataclasses.replace(seg.readout, vocab_limit=vocab))
+                   for seg in segments]
+        where = f"position {segments[0].position}" if len(segments) == 1 else f"{len(segments)} sequences"
+        self.mesh.broadcast_message(p.Step(limited, x).encode(), f"sending step at {where}")
 
     def send_logits_request(self) -> None:
         self.mesh.broadcast_message(p.SendLogits().encode(), "asking for logits")
@@ -138,7 +142,7 @@ class ClusterTransport:
         for index, sock in enumerate(socks, start=1):
             setup = p.Setup(session_id, index, self.names, [(int(k), v) for k, v in session.config.header_items()],
                             session.buffer_type, session.seq_len, session.max_batch, session.kv_storage,
-                            self.timeout_ms, model_id, session.shares)
+                            self.timeout_ms, model_id, session.shares, session.slots)
             try:
                 p.send_frame(sock, setup.encode())
             except OSError as error:

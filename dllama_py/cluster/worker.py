@@ -9,6 +9,7 @@ connection is handshaken in a thread of its own with a deadline for the whole ha
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import queue
 import select
@@ -23,8 +24,8 @@ from dllama_py import _core
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh
 from dllama_py.cluster.slice_cache import EntryWriter, SliceCache, entry_key
-from dllama_py.engine.engine import known_available_memory, memory_shortfall
-from dllama_py.engine.exchange import Exchange, LogitsMode, Readout
+from dllama_py.engine.engine import MAX_SLOTS, known_available_memory, memory_shortfall
+from dllama_py.engine.exchange import Exchange, LogitsMode, Readout, Segment
 from dllama_py.engine.loader import choose_layout, prepare_weights
 from dllama_py.engine.transport import BUFFER_TYPES
 from dllama_py.model import kernels
@@ -316,9 +317,11 @@ def check_setup(setup: p.Setup) -> Plan:
         raise ValueError(f"context of {setup.seq_len} positions is outside 1..{config.max_seq_len}")
     if not 1 <= setup.max_batch <= MAX_BATCH:
         raise ValueError(f"batch of {setup.max_batch} rows is outside 1..{MAX_BATCH}")
+    if not 1 <= setup.slots <= MAX_SLOTS:
+        raise ValueError(f"{setup.slots} KV-cache slots is outside 1..{MAX_SLOTS}")
     if not 0 < setup.timeout_ms <= 3_600_000:
         raise ValueError(f"timeout of {setup.timeout_ms} ms is outside 1..3600000")
-    shortfall = memory_shortfall(plan, setup.node_index, setup.seq_len, setup.kv_storage)
+    shortfall = memory_shortfall(plan, setup.node_index, setup.seq_len, setup.kv_storage, setup.slots)
     if shortfall:
         raise ValueError(shortfall)
     return plan
@@ -374,7 +377,8 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
         layout = choose_layout(config)
         prepare_weights(weights, layout)
         sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
-        forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage, layout)
+        forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage, layout,
+                              setup.slots)
         heartbeat.stop()
         heartbeat = None
         mesh.send_message(0, p.Loaded().encode(), "reporting its weights loaded")
@@ -431,10 +435,11 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
     """Run the root's steps until END; returns when the root ends the session."""
     dim = plan.config.dim
     x_buf = np.zeros((setup.max_batch, dim), dtype=np.float32)
-    max_step = p.HEADER.size + p.STEP.size + setup.max_batch * dim * 4  # the largest STEP this session sends
+    # the largest STEP this session sends: every row its own segment
+    max_step = p.HEADER.size + p.STEP.size + setup.max_batch * (p.SEGMENT.size + dim * 4)
     exchange = Exchange(plan, me)
     last = np.zeros((0, plan.nodes[me].vocab_width), dtype=np.float32)
-    all_rows = False
+    segments: list[Segment] = []
     while True:
         while not mesh.wait_readable(0, 5000):
             pass  # an idle root is not a dead one; a dead one makes the socket readable (EOF)
@@ -442,34 +447,46 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
                          dim=dim)
         if isinstance(message, p.End):
             return
-        if isinstance(message, p.SendLogits):  # the root wants the whole slice of the last step after all
-            reply(mesh, exchange, Readout(LogitsMode.FULL, all_rows=all_rows), last, forward.sync.seconds)
+        if isinstance(message, p.SendLogits):  # the root wants the whole slices of the last step after all
+            reply(mesh, exchange, [full_instead(seg) for seg in segments], last, forward.sync.seconds)
             continue
         if message.batch > setup.max_batch:
             raise p.ProtocolError(f"malformed step: {message.batch} rows, more than this session's {setup.max_batch}")
-        try:
-            readout = Readout(message.mode, message.all_logits, message.temperature, message.vocab_limit)
-        except ValueError as error:
-            raise p.ProtocolError(f"malformed step: {error}") from None
+        for seg in message.segments:
+            if seg.slot >= setup.slots or seg.position + seg.rows > setup.seq_len:
+                raise p.ProtocolError(f"malformed step: slot {seg.slot} positions {seg.position}.."
+                                      f"{seg.position + seg.rows - 1} outside this session's {setup.slots} slots of "
+                                      f"{setup.seq_len} positions")
+        if len({seg.slot for seg in message.segments}) != len(message.segments):
+            raise p.ProtocolError("malformed step: a KV slot twice")
         x = x_buf[:message.batch]
         x[:] = message.x
-        positions = np.arange(message.position, message.position + message.batch, dtype=np.int32)
-        last = forward.forward(x, positions, readout.all_rows, logits=readout.mode != LogitsMode.NONE)
-        all_rows = readout.all_rows
-        reply(mesh, exchange, readout, last, forward.sync.seconds)
+        segments = message.segments
+        last = forward.forward(x, segments)
+        reply(mesh, exchange, segments, last, forward.sync.seconds)
 
 
-def reply(mesh: _core.Mesh, exchange: Exchange, readout: Readout, logits: np.ndarray, waited_s: float) -> None:
-    """Send this node's part of the logits to the root, as the step's readout asks."""
-    if readout.mode == LogitsMode.NONE:
+def full_instead(segment: Segment) -> Segment:
+    """The segment asking for its whole logits slice (for the rows it kept), or for none."""
+    if segment.readout.mode == LogitsMode.NONE:
+        return segment
+    return dataclasses.replace(segment, readout=Readout(LogitsMode.FULL, all_rows=segment.readout.all_rows))
+
+
+def reply(mesh: _core.Mesh, exchange: Exchange, segments: list[Segment], logits: np.ndarray,
+          waited_s: float) -> None:
+    """Send this node's part of the logits to the root, as the step's segments ask."""
+    modes = {seg.readout.mode for seg in segments} - {LogitsMode.NONE}
+    if not modes:
         return
-    offsets, sizes = exchange.layout(readout, logits.shape[0])
-    part = exchange.part(readout, logits, (mesh.bytes_sent, mesh.bytes_received, waited_s))
+    offsets, sizes = exchange.layout(segments)
+    part = exchange.part(segments, logits, (mesh.bytes_sent, mesh.bytes_received, waited_s))
     me = exchange.node
     buf = np.zeros(offsets[-1] + sizes[-1], dtype=np.uint8)
     buf[offsets[me]:offsets[me] + sizes[me]] = np.frombuffer(part, dtype=np.uint8)
     label = {LogitsMode.ARGMAX: "sending the best token", LogitsMode.TOPK: "sending top tokens"}
-    mesh.gather(0, buf, offsets, sizes, label.get(readout.mode, "sending logits"))
+    mesh.gather(0, buf, offsets, sizes, label.get(modes.pop(), "sending logits") if len(modes) == 1 else
+                "sending logits")
 
 
 def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False,

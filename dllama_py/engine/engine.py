@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dllama_py.engine.exchange import FULL, Collected, Exchange, LogitsMode, Readout
+from dllama_py.engine.exchange import FULL, NO_LOGITS, Collected, Exchange, LogitsMode, Readout, Segment
 from dllama_py.engine.loader import choose_layout, load_node_weights
 from dllama_py.engine.sampler import Sampler
 from dllama_py.engine.transport import BUFFER_TYPES, Loopback, NodeReport, Session, Transport
@@ -28,6 +28,7 @@ from dllama_py.model.forward import NodeForward
 from dllama_py.model.plan import Plan, PlanError, auto_shares
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit; within the TOPK candidates every node sends
+MAX_SLOTS = 256  # KV-cache slots (sequences at once); the STEP message carries a slot in 16 bits
 
 
 @dataclass
@@ -91,30 +92,31 @@ def available_memory() -> int:
     return 8 << 30 if known is None else known
 
 
-def memory_shortfall(plan: Plan, node: int, seq_len: int, kv_storage: str) -> str | None:
+def memory_shortfall(plan: Plan, node: int, seq_len: int, kv_storage: str, slots: int = 1) -> str | None:
     """Why worker node `node` (>= 1) of `plan` cannot fit in this computer's available RAM, or
     None (also when the available RAM is unknown)."""
     available = known_available_memory()
     weights = plan.node_weight_bytes(node)
-    kv = plan.node_kv_cache_bytes(node, seq_len) if kv_storage == "ram" else 0
+    kv = plan.node_kv_cache_bytes(node, seq_len) * slots if kv_storage == "ram" else 0
     if available is None or weights + kv <= available:
         return None
     return (f"node {node} needs {(weights + kv) / 2**30:.2f} GiB ({weights / 2**30:.2f} GiB of weights, "
-            f"{kv / 2**30:.2f} GiB of KV cache for {seq_len} positions) but this computer has "
+            f"{kv / 2**30:.2f} GiB of KV cache for {slots} x {seq_len} positions) but this computer has "
             f"{available / 2**30:.2f} GiB available; use more nodes, a shorter --max-seq-len or "
             "--kv-cache-storage disk")
 
 
-def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node: int = 0) -> tuple[int, str | None]:
+def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node: int = 0,
+                   slots: int = 1) -> tuple[int, str | None]:
     """The KV cache length: the model's, or `requested` (which may only lower it), capped so the
-    cache takes at most half of the available RAM. Returns (length, message or None)."""
+    cache of `slots` sequences takes at most half of the available RAM. Returns (length, message or None)."""
     if requested is not None and requested <= 0:
         raise EngineError(f"--max-seq-len must be positive, got {requested}")
     if requested is not None and requested > config.max_seq_len:
         return config.max_seq_len, (f"--max-seq-len {requested} is above the model's context of "
                                     f"{config.max_seq_len}; using {config.max_seq_len}")
     seq_len = requested or config.max_seq_len
-    per_position = plan.node_kv_cache_bytes(node, 1)
+    per_position = plan.node_kv_cache_bytes(node, 1) * slots
     budget = available_memory() // 2
     if requested is None and seq_len * per_position > budget:
         capped = max(256, budget // per_position // 256 * 256)
@@ -151,7 +153,7 @@ class Engine:
                  threads: int | None = None, buffer_type: str | None = None, max_seq_len: int | None = None,
                  kv_storage: str = "ram", max_batch: int = 32, mmap_weights: bool = False,
                  shares: list[float] | str | None = None, log: Callable[[str], None] | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, slots: int = 1) -> None:
         self.transport = transport if transport is not None else Loopback()
         self.log = log or (lambda message: None)
         self.model = open_model(model_path)
@@ -168,6 +170,9 @@ class Engine:
         except PlanError as error:
             raise EngineError(str(error)) from None
         self.max_batch = max_batch
+        if not 1 <= slots <= MAX_SLOTS:
+            raise EngineError(f"the number of KV-cache slots must lie in 1..{MAX_SLOTS}, got {slots}")
+        self.slots = slots
         self.forward: NodeForward | None = None
         try:
             reports = self.transport.connect()
@@ -175,15 +180,15 @@ class Engine:
                 shares = self._auto_shares(plan, reports, max_seq_len)
                 plan = Plan.make(c, n_nodes, shares)
             self.plan = plan
-            self.seq_len, note = choose_seq_len(c, plan, max_seq_len)
-            self.log(plan.describe(self.seq_len, self.transport.names))
+            self.seq_len, note = choose_seq_len(c, plan, max_seq_len, slots=slots)
+            self.log(plan.describe(self.seq_len, self.transport.names, slots))
             session = Session(c, list(shares) if shares is not None else None, self.buffer_type, self.seq_len,
-                              max_batch, kv_storage)
+                              max_batch, kv_storage, slots)
             self.transport.start(session, plan, self.model, progress)
             layout = choose_layout(c, mmap_weights)
             weights = load_node_weights(self.model, plan, 0, layout, mmap_weights, progress)
             sync = self.transport.sync(self.buffer_type, max_batch, c.dim)
-            self.forward = NodeForward(plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, layout)
+            self.forward = NodeForward(plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, layout, slots)
             if not mmap_weights:
                 self.model.release()  # the weights were copied (or regrouped) out of the mapping
             self.transport.wait_loaded()
@@ -201,11 +206,11 @@ class Engine:
         self.exchange = Exchange(plan, 0)
         self.x = np.zeros((max_batch, c.dim), dtype=np.float32)
         self._local: np.ndarray | None = None  # this node's logits slice of the last step
-        self._readout = FULL
-        self._collected = Collected()
+        self._segments: list[Segment] = []  # the last step's segments
+        self._collected: list[Collected] = []  # what the root made of each segment's logits
         self._counters = [(0, 0, 0.0)] * plan.n_nodes  # every node's counters, last reported
         self.topk_hits = self.topk_misses = 0  # samples taken from the nodes' top tokens / from every logit
-        self.info = EngineInfo(plan.n_nodes, plan.describe(self.seq_len, self.transport.names),
+        self.info = EngineInfo(plan.n_nodes, plan.describe(self.seq_len, self.transport.names, slots),
                                c.weight_float_type.label, self.buffer_type, self.seq_len,
                                kernels.get_num_threads(), [note] if note else [])
 
@@ -242,25 +247,41 @@ class Engine:
             return Readout(LogitsMode.TOPK, temperature=sampler.temperature, vocab_limit=vocab_limit)
         return Readout(LogitsMode.FULL, vocab_limit=vocab_limit)
 
-    def step(self, tokens: list[int], start_pos: int, readout: Readout = FULL) -> StepStats:
-        """Evaluate `tokens` at positions start_pos.. (at most max_batch of them) on every node;
-        `readout` says what the next call reads of the logits, so the nodes send only that."""
+    def step(self, tokens: list[int], start_pos: int, readout: Readout = FULL, slot: int = 0) -> StepStats:
+        """Evaluate `tokens` of the sequence in KV slot `slot` at positions start_pos.. (at most
+        max_batch of them) on every node; `readout` says what the next call reads of the logits,
+        so the nodes send only that."""
+        return self.step_batch([(slot, start_pos, tokens, readout)])
+
+    def step_batch(self, sequences: list[tuple[int, int, list[int], Readout]]) -> StepStats:
+        """One step over the rows of several sequences, each (KV slot, first position, tokens,
+        readout): the weights are read once for all of them (continuous batching). Each
+        sequence's logits are then read by its index in `sequences` (next_token, logits...)."""
         start = time.perf_counter()
-        B = len(tokens)
-        if not 0 < B <= self.max_batch:
-            raise EngineError(f"a step takes 1 to {self.max_batch} tokens, got {B}")
+        segments = [Segment(slot, pos, len(tokens), readout) for slot, pos, tokens, readout in sequences]
+        B = sum(seg.rows for seg in segments)
+        if not segments or not 0 < B <= self.max_batch or any(seg.rows == 0 for seg in segments):
+            raise EngineError(f"a step takes 1 to {self.max_batch} tokens in all, each sequence at least one, "
+                              f"got {[seg.rows for seg in segments]}")
+        for seg in segments:
+            if not 0 <= seg.slot < self.slots:
+                raise EngineError(f"KV slot {seg.slot} is not one of this engine's {self.slots}")
+            if not 0 <= seg.position <= self.seq_len - seg.rows:
+                raise EngineError(f"positions {seg.position}..{seg.position + seg.rows - 1} do not fit the "
+                                  f"context of {self.seq_len} tokens")
+        if len({seg.slot for seg in segments}) != len(segments):
+            raise EngineError("a step holds each KV slot at most once")
         sent0, received0, sync0 = self.transport.counters()
         x = self.x[:B]
-        kernels.embedding(self.embedding, np.asarray(tokens, dtype=np.int32), x)
-        positions = np.arange(start_pos, start_pos + B, dtype=np.int32)
-        self._readout, self._collected = readout, Collected()
+        ids = [t for _, _, tokens, _ in sequences for t in tokens]
+        kernels.embedding(self.embedding, np.asarray(ids, dtype=np.int32), x)
+        self._segments, self._collected = segments, [Collected() for _ in segments]
         try:
-            self.transport.send_step(readout, start_pos, x)
-            self._local = self.forward.forward(x, positions, readout.all_rows,
-                                               logits=readout.mode != LogitsMode.NONE)
+            self.transport.send_step(segments, x)
+            self._local = self.forward.forward(x, segments)
             gather_start = time.perf_counter()
-            if readout.mode != LogitsMode.NONE:
-                self._collect(readout)
+            if any(seg.readout.mode != LogitsMode.NONE for seg in segments):
+                self._collect(segments)
             gather_s = time.perf_counter() - gather_start if self.plan.n_nodes > 1 else 0.0
         except ConnectionError as error:
             raise EngineError(f"the cluster failed: {error}") from None
@@ -268,7 +289,7 @@ class Engine:
         sent, received, sync = self.transport.counters()
         sync_s = sync - sync0 + gather_s
         stats = StepStats(B, (elapsed - sync_s) * 1e3, sync_s * 1e3, sent - sent0, received - received0)
-        counters = self._collected.counters
+        counters = self._collected[0].counters if self._collected else None
         if counters is not None and self.plan.n_nodes > 1:
             counters[0] = (sent, received, sync)
             stats.node_bytes = [(s - s0, r - r0) for (s, r, _), (s0, r0, _) in zip(counters, self._counters)]
@@ -276,53 +297,62 @@ class Engine:
             self._counters = counters
         return stats
 
-    def _collect(self, readout: Readout) -> None:
-        """Every node's part of the last step's logits, as `readout` asks, read at the root."""
-        rows = self._local.shape[0]
-        offsets, sizes = self.exchange.layout(readout, rows)
-        part = self.exchange.part(readout, self._local, (0, 0, 0.0))  # the root's counters are read locally
+    def _collect(self, segments: list[Segment]) -> None:
+        """Every node's part of the last step's logits, as each segment's readout asks, read at the root."""
+        offsets, sizes = self.exchange.layout(segments)
+        part = self.exchange.part(segments, self._local, (0, 0, 0.0))  # the root's counters are read locally
+        modes = {seg.readout.mode for seg in segments} - {LogitsMode.NONE}
         label = {LogitsMode.ARGMAX: "collecting the best token", LogitsMode.TOPK: "collecting top tokens"}
-        buf = self.transport.gather(part, offsets, sizes, label.get(readout.mode, "collecting logits"))
-        self._collected = self.exchange.combine(readout, buf, rows)
+        buf = self.transport.gather(part, offsets, sizes,
+                                    label.get(modes.pop(), "collecting logits") if len(modes) == 1 else
+                                    "collecting logits")
+        self._collected = self.exchange.combine(segments, buf)
 
-    def _full_logits(self) -> np.ndarray:
-        """The last step's logits (rows, vocab), fetched from every node if the step kept less."""
-        if self._collected.logits is None:
-            if self._local is None or self._local.shape[0] == 0:
-                raise EngineError("the last step did not compute logits")
+    def _full_logits(self, index: int = 0) -> np.ndarray:
+        """The last step's logits of sequence `index` (rows, vocab), fetched from every node (for
+        every sequence of the step) if the step kept less."""
+        if not self._segments:
+            raise EngineError("no step has run")
+        if self._collected[index].logits is None:
+            if self._segments[index].readout.mode == LogitsMode.NONE:
+                raise EngineError("the last step did not compute logits for this sequence")
             try:
                 self.transport.send_logits_request()
-                self._collect(Readout(LogitsMode.FULL, all_rows=self._readout.all_rows))
+                self._collect([Segment(seg.slot, seg.position, seg.rows, Readout(
+                    LogitsMode.FULL, all_rows=seg.readout.all_rows) if seg.readout.mode != LogitsMode.NONE
+                    else NO_LOGITS) for seg in self._segments])
             except ConnectionError as error:
                 raise EngineError(f"the cluster failed: {error}") from None
-        return self._collected.logits
+        return self._collected[index].logits
 
-    def logits(self) -> np.ndarray:
-        """Logits of the last step: (vocab,) for its last token, or (B, vocab) when it kept every row."""
-        logits = self._full_logits()
+    def logits(self, index: int = 0) -> np.ndarray:
+        """Logits of the last step for sequence `index`: (vocab,) for its last token, or (B, vocab)
+        when it kept every row."""
+        logits = self._full_logits(index)
         return logits[0] if logits.shape[0] == 1 else logits
 
-    def argmax(self) -> int:
+    def argmax(self, index: int = 0) -> int:
         """The most likely next token after the last step (first index on ties)."""
-        if self._collected.argmax is not None:
-            return self._collected.argmax
-        return int(np.argmax(self._full_logits()[-1]))
+        if self._collected[index].argmax is not None:
+            return self._collected[index].argmax
+        return int(np.argmax(self._full_logits(index)[-1]))
 
-    def next_token(self, sampler: Sampler) -> int:
-        """The token `sampler` chooses after the last step, which ran with `readout_for(sampler, ...)`:
-        the best token; or a nucleus sample from the nodes' top tokens when they hold the whole
-        nucleus, else from every logit (fetched for this step only); or a sample from every logit."""
-        readout = self._readout
+    def next_token(self, sampler: Sampler, index: int = 0) -> int:
+        """The token `sampler` chooses after the last step for sequence `index`, which ran with
+        `readout_for(sampler, ...)`: the best token; or a nucleus sample from the nodes' top
+        tokens when they hold the whole nucleus, else from every logit (fetched for this step
+        only); or a sample from every logit."""
+        readout = self._segments[index].readout
         limit = self.exchange.limit(readout)
-        c = self._collected.candidates
+        c = self._collected[index].candidates
         if sampler.greedy and not sampler.needs_all_logits:
             if readout.mode == LogitsMode.ARGMAX:
-                return self.argmax()
+                return self.argmax(index)
             if c is not None:  # the best token is every node's first candidate; ties go to the lowest id
                 return int(c.ids[np.lexsort((c.ids, -c.probs))[0]])
-            return int(np.argmax(self._full_logits()[-1][:limit]))
+            return int(np.argmax(self._full_logits(index)[-1][:limit]))
         if sampler.greedy:
-            return sampler.sample(self._full_logits()[-1][:limit])
+            return sampler.sample(self._full_logits(index)[-1][:limit])
         coin = sampler.random_f32()
         if c is not None and sampler.nucleus and not sampler.needs_all_logits:
             complete = c.every_token_sent or c.unsent_bound < sampler.cutoff(limit)
@@ -331,26 +361,27 @@ class Engine:
                 self.topk_hits += 1
                 return choice
             self.topk_misses += 1
-        return sampler.sample_with_coin(self._full_logits()[-1][:limit], coin)
+        return sampler.sample_with_coin(self._full_logits(index)[-1][:limit], coin)
 
-    def logprobs(self, token: int, top: int) -> TokenLogprobs:
-        """The log-probability of `token` after the last step, and the `top` most likely tokens
-        with theirs (at most TOPK_LOGPROBS), under the model's own distribution (temperature 1,
-        no penalties, bias or grammar) over ids below the step's vocabulary limit. Read from the
-        nodes' top tokens when the step kept them at temperature 1 and they hold `token`, else
-        from every logit."""
+    def logprobs(self, token: int, top: int, index: int = 0) -> TokenLogprobs:
+        """The log-probability of `token` after the last step for sequence `index`, and the `top`
+        most likely tokens with theirs (at most MAX_TOP_LOGPROBS), under the model's own
+        distribution (temperature 1, no penalties, bias or grammar) over ids below the step's
+        vocabulary limit. Read from the nodes' top tokens when the step kept them at temperature
+        1 and they hold `token`, else from every logit."""
         if top > MAX_TOP_LOGPROBS:
             raise EngineError(f"at most {MAX_TOP_LOGPROBS} top log-probabilities, asked for {top}")
-        readout = self._readout
-        c = self._collected.candidates
-        if self._collected.logits is None and c is not None and readout.temperature == 1.0:
+        readout = self._segments[index].readout
+        collected = self._collected[index]
+        c = collected.candidates
+        if collected.logits is None and c is not None and readout.temperature == 1.0:
             hit = np.flatnonzero(c.ids == token)
             if len(hit):
                 order = np.lexsort((c.ids, -c.probs))[:top]
                 with np.errstate(divide="ignore"):
                     return TokenLogprobs(token, float(np.log(c.probs[hit[0]])),
                                          [(int(c.ids[i]), float(np.log(c.probs[i]))) for i in order])
-        row = self._full_logits()[-1][:self.exchange.limit(readout)].astype(np.float64)
+        row = self._full_logits(index)[-1][:self.exchange.limit(readout)].astype(np.float64)
         top_value = row.max()
         log_z = top_value + np.log(np.exp(row - top_value).sum())
         order = np.argsort(-row, kind="stable")[:top]  # stable: ties by id

@@ -72,18 +72,6 @@ def counters_of(buf: np.ndarray, offsets: list[int], sizes: list[int]) -> list[t
     return [COUNTERS.unpack_from(buf, o + n - COUNTERS.size) for o, n in zip(offsets, sizes)]
 
 
-def argmax_layout(n_nodes: int) -> tuple[list[int], list[int]]:
-    return layout([VALUE_ID.size] * n_nodes)
-
-
-def topk_layout(n_nodes: int) -> tuple[list[int], list[int]]:
-    return layout([TOPK * VALUE_ID.size + TOPK_TAIL.size] * n_nodes)
-
-
-def full_layout(plan: Plan, rows: int) -> tuple[list[int], list[int]]:
-    return layout([rows * s.vocab_width * 4 for s in plan.nodes])
-
-
 def encode_argmax(row: np.ndarray, vocab_start: int, vocab_limit: int) -> bytes:
     """Best (value, global id below vocab_limit) of one node's logits row; the first index wins ties."""
     usable = min(len(row), vocab_limit - vocab_start)
@@ -201,6 +189,26 @@ class Collected:
     counters: list[tuple[int, int, float]] | None = None
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The rows of one sequence in a step: its KV-cache `slot`, the `position` of its first row,
+    how many `rows`, and what of their logits the step keeps (`readout`). A step is a list of
+    segments, its rows their rows in order: one sequence's prompt chunk, or one token of each of
+    many sequences (continuous batching)."""
+
+    slot: int
+    position: int
+    rows: int
+    readout: Readout = NO_LOGITS
+
+    @property
+    def logit_rows(self) -> int:
+        """How many rows of logits the nodes compute for this segment."""
+        if self.readout.mode == LogitsMode.NONE:
+            return 0
+        return self.rows if self.readout.all_rows else 1
+
+
 class Exchange:
     """The logits exchange of one plan, seen from node `node`."""
 
@@ -212,39 +220,62 @@ class Exchange:
         """The vocabulary limit a readout applies (the whole vocabulary when it sets none)."""
         return readout.vocab_limit or self.plan.config.vocab_size
 
-    def layout(self, readout: Readout, rows: int) -> tuple[list[int], list[int]]:
-        """Every node's (offset, size) in the gathered buffer of a step with `rows` logits rows."""
-        n = self.plan.n_nodes
-        if readout.mode == LogitsMode.ARGMAX:
-            return argmax_layout(n)
-        if readout.mode == LogitsMode.TOPK:
-            return topk_layout(n)
-        return full_layout(self.plan, rows)
+    def _part_size(self, segment: Segment, node: int) -> int:
+        mode = segment.readout.mode
+        if mode == LogitsMode.ARGMAX:
+            return VALUE_ID.size
+        if mode == LogitsMode.TOPK:
+            return TOPK * VALUE_ID.size + TOPK_TAIL.size
+        if mode == LogitsMode.FULL:
+            return segment.logit_rows * self.plan.nodes[node].vocab_width * 4
+        return 0
 
-    def part(self, readout: Readout, logits: np.ndarray, counters: tuple[int, int, float]) -> bytes:
-        """This node's part for `readout` from its logits slice (rows, V_node), with its counters."""
-        if readout.mode == LogitsMode.ARGMAX:
-            mine = encode_argmax(logits[-1], self.vocab_start, self.limit(readout))
-        elif readout.mode == LogitsMode.TOPK:
-            mine = encode_topk(logits[-1], self.vocab_start, self.limit(readout), readout.temperature)
-        else:
-            mine = np.ascontiguousarray(logits, dtype=np.float32).tobytes()
-        return with_counters(mine, *counters)
+    def layout(self, segments: list[Segment]) -> tuple[list[int], list[int]]:
+        """Every node's (offset, size) in the gathered buffer of a step: the parts of every
+        segment in order, then the node's counters."""
+        return layout([sum(self._part_size(seg, n) for seg in segments) for n in range(self.plan.n_nodes)])
 
-    def combine(self, readout: Readout, buf: np.ndarray, rows: int) -> Collected:
-        """The root's reading of the gathered parts of every node; raises NonFiniteLogits when
-        what it reads holds NaN or infinity (the best value, the top tokens and every slice's
-        maximum and normaliser, or every logit)."""
-        offsets, sizes = self.layout(readout, rows)
-        out = Collected(counters=counters_of(buf, offsets, sizes))
-        if readout.mode == LogitsMode.ARGMAX:
-            out.argmax = best_of(buf, offsets)
-        elif readout.mode == LogitsMode.TOPK:
-            out.candidates = Candidates(buf, offsets)
-        else:
-            parts = [buf[o:o + n - COUNTERS.size].view(np.float32).reshape(rows, -1) for o, n in zip(offsets, sizes)]
-            for node, part in enumerate(parts):
-                if not np.isfinite(part).all():
-                    raise NonFiniteLogits(f"on node {node}")
-            out.logits = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)
+    def part(self, segments: list[Segment], logits: np.ndarray, counters: tuple[int, int, float]) -> bytes:
+        """This node's part from its logits slice (the logit rows of every segment in order,
+        (rows, V_node)), with its counters."""
+        out, row = [], 0
+        for seg in segments:
+            rows = logits[row:row + seg.logit_rows]
+            row += seg.logit_rows
+            readout = seg.readout
+            if readout.mode == LogitsMode.ARGMAX:
+                out.append(encode_argmax(rows[-1], self.vocab_start, self.limit(readout)))
+            elif readout.mode == LogitsMode.TOPK:
+                out.append(encode_topk(rows[-1], self.vocab_start, self.limit(readout), readout.temperature))
+            elif readout.mode == LogitsMode.FULL:
+                out.append(np.ascontiguousarray(rows, dtype=np.float32).tobytes())
+        return with_counters(b"".join(out), *counters)
+
+    def combine(self, segments: list[Segment], buf: np.ndarray) -> list[Collected]:
+        """The root's reading of the gathered parts of every node, one Collected per segment (each
+        with every node's counters); raises NonFiniteLogits when what it reads holds NaN or
+        infinity (the best value, the top tokens and every slice's maximum and normaliser, or
+        every logit)."""
+        offsets, sizes = self.layout(segments)
+        counters = counters_of(buf, offsets, sizes)
+        cursor = list(offsets)  # where each node's next segment part starts
+        out = []
+        for seg in segments:
+            here = list(cursor)
+            for n in range(self.plan.n_nodes):
+                cursor[n] += self._part_size(seg, n)
+            collected = Collected(counters=counters)
+            mode = seg.readout.mode
+            if mode == LogitsMode.ARGMAX:
+                collected.argmax = best_of(buf, here)
+            elif mode == LogitsMode.TOPK:
+                collected.candidates = Candidates(buf, here)
+            elif mode == LogitsMode.FULL:
+                parts = [buf[o:o + self._part_size(seg, n)].view(np.float32).reshape(seg.logit_rows, -1)
+                         for n, o in enumerate(here)]
+                for node, part in enumerate(parts):
+                    if not np.isfinite(part).all():
+                        raise NonFiniteLogits(f"on node {node}")
+                collected.logits = parts[0].copy() if len(parts) == 1 else np.concatenate(parts, axis=1)
+            out.append(collected)
         return out

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import numpy as np
 
-from dllama_py.engine.exchange import Readout
+from dllama_py.engine.exchange import Segment
 from dllama_py.formats.model_file import ModelFile
 from dllama_py.model import kernels
 from dllama_py.model.config import ModelConfig
@@ -34,6 +34,7 @@ class Session:
     seq_len: int
     max_batch: int
     kv_storage: str  # ram or disk
+    slots: int = 1  # KV-cache slots: sequences that may be in flight at once
 
 
 @dataclass(frozen=True)
@@ -69,8 +70,8 @@ class Transport(Protocol):
         """Return once every worker holds its weights (traffic counters start from here)."""
         ...
 
-    def send_step(self, readout: Readout, position: int, x: np.ndarray) -> None:
-        """Start a step on every worker: rows x (B, dim) at positions position.."""
+    def send_step(self, segments: list[Segment], x: np.ndarray) -> None:
+        """Start a step on every worker: rows x (B, dim), the rows of `segments` in order."""
         ...
 
     def send_logits_request(self) -> None:
@@ -135,7 +136,7 @@ class Loopback:
     def wait_loaded(self) -> None:
         pass
 
-    def send_step(self, readout: Readout, position: int, x: np.ndarray) -> None:
+    def send_step(self, segments: list[Segment], x: np.ndarray) -> None:
         pass
 
     def send_logits_request(self) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import SimpleNamespace
 from typing import Protocol
 
@@ -34,21 +34,40 @@ class Sync(Protocol):
         ...
 
 
+class Segment(Protocol):
+    """The rows of one sequence in a step (engine/exchange.py's Segment is one): its KV slot,
+    the position of its first row, how many rows, and how many of its last rows need logits."""
+
+    @property
+    def slot(self) -> int: ...
+
+    @property
+    def position(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+    @property
+    def logit_rows(self) -> int: ...
+
+
 class KVCache:
-    """Keys and values of the node's KV heads for every layer, in RAM or in a memory-mapped
-    temporary file (`storage="disk"`). Keys are stored transposed, (layers, KV heads, head_dim,
-    seq_len), so attention scores run along positions; values are (layers, seq_len, K).
+    """Keys and values of the node's KV heads for every layer and every slot (one sequence each:
+    continuous batching runs several at once), in RAM or in a memory-mapped temporary file
+    (`storage="disk"`). Keys are stored transposed, (layers, slots, KV heads, head_dim, seq_len),
+    so attention scores run along positions; values are (layers, slots, seq_len, K).
     The file (dllama-kv-*.bin in the temporary folder) is unlinked as soon as it is mapped: the
     mapping keeps its blocks until it goes, so nothing stays behind however the process ends."""
 
-    def __init__(self, n_layers: int, seq_len: int, n_kv_heads: int, head_dim: int, storage: str = "ram") -> None:
-        keys_shape = (n_layers, n_kv_heads, head_dim, seq_len)
-        values_shape = (n_layers, seq_len, n_kv_heads * head_dim)
+    def __init__(self, n_layers: int, seq_len: int, n_kv_heads: int, head_dim: int, storage: str = "ram",
+                 slots: int = 1) -> None:
+        keys_shape = (n_layers, slots, n_kv_heads, head_dim, seq_len)
+        values_shape = (n_layers, slots, seq_len, n_kv_heads * head_dim)
         if storage == "disk":
             fd, path = tempfile.mkstemp(prefix="dllama-kv-", suffix=".bin")
             try:
                 with os.fdopen(fd, "w+b") as file:
-                    size = n_layers * seq_len * n_kv_heads * head_dim
+                    size = n_layers * slots * seq_len * n_kv_heads * head_dim
                     both = np.memmap(file, dtype=np.float32, mode="w+", shape=(2, size))
             finally:
                 os.unlink(path)
@@ -64,13 +83,13 @@ class KVCache:
             self.values.fill(0.0)
         else:
             raise ValueError(f"KV cache storage must be 'ram' or 'disk', got {storage!r}")
-        self.seq_len, self.n_kv_heads, self.head_dim = seq_len, n_kv_heads, head_dim
+        self.seq_len, self.n_kv_heads, self.head_dim, self.slots = seq_len, n_kv_heads, head_dim, slots
 
-    def store(self, layer: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
-        """Write the keys k (B, K) and values v (B, K) of positions pos0..pos0+B-1."""
+    def store(self, layer: int, slot: int, pos0: int, k: np.ndarray, v: np.ndarray) -> None:
+        """Write the keys k (B, K) and values v (B, K) of positions pos0..pos0+B-1 of `slot`."""
         B = k.shape[0]
-        self.keys[layer, :, :, pos0:pos0 + B] = k.reshape(B, self.n_kv_heads, self.head_dim).transpose(1, 2, 0)
-        self.values[layer, pos0:pos0 + B] = v
+        self.keys[layer, slot, :, :, pos0:pos0 + B] = k.reshape(B, self.n_kv_heads, self.head_dim).transpose(1, 2, 0)
+        self.values[layer, slot, pos0:pos0 + B] = v
 
     def close(self) -> None:
         """Release the cache (for disk storage: the mapping, whose file is already unlinked)."""
@@ -86,7 +105,7 @@ class NodeForward:
     """
 
     def __init__(self, plan: Plan, node: int, weights: Mapping[str, np.ndarray], sync: Sync,
-                 seq_len: int, max_batch: int, kv_storage: str, layout: WeightLayout) -> None:
+                 seq_len: int, max_batch: int, kv_storage: str, layout: WeightLayout, slots: int = 1) -> None:
         c = self.config = plan.config
         s = self.slice = plan.nodes[node]
         self.layout = layout
@@ -97,7 +116,8 @@ class NodeForward:
         self.quantized_input = layout.quantized_input
         self.q_width = s.n_heads * c.head_dim
         self.kv_width = s.n_kv_heads * c.head_dim
-        self.cache = KVCache(c.n_layers, seq_len, s.n_kv_heads, c.head_dim, kv_storage)
+        self.slots = slots
+        self.cache = KVCache(c.n_layers, seq_len, s.n_kv_heads, c.head_dim, kv_storage, slots)
         self.rope_style = "rotate_half" if c.rope_type == RopeType.FALCON else "interleaved"
         if c.has_rope_scaling:
             self.inv_freq = kernels.rope_frequencies(
@@ -155,19 +175,29 @@ class NodeForward:
 
 
     # ---- the pass --------------------------------------------------------------------------
-    def forward(self, x: np.ndarray, positions: np.ndarray, all_logits: bool = False,
-                logits: bool = True) -> np.ndarray:
-        """Run every layer on x (B, D) float32 in place for tokens at `positions` (B,) int32,
-        writing their keys and values to the KV cache. Returns this node's classifier slice
-        of the logits: (B, V_node) when all_logits, else (1, V_node) for the last row; with
-        logits=False (a prompt batch whose logits nobody reads) the classifier is skipped and
-        an empty (0, V_node) array returned."""
+    def forward(self, x: np.ndarray, segments: Sequence[Segment]) -> np.ndarray:
+        """Run every layer on x (B, D) float32 in place: the rows of every segment in order, each
+        segment a sequence's rows in its KV slot from its position on (their keys and values go
+        to the cache). Returns this node's classifier slice of the logits of the rows the
+        segments keep (`Segment.logit_rows`: none, the last, or all of each), stacked in order:
+        (rows, V_node)."""
         c, B = self.config, x.shape[0]
         if B > self.max_batch:
             raise ValueError(f"batch of {B} rows is larger than the {self.max_batch} this node was built for")
-        pos0 = int(positions[0])
-        if pos0 + B > self.seq_len:
-            raise ValueError(f"positions {pos0}..{pos0 + B - 1} do not fit the context of {self.seq_len} tokens")
+        if sum(seg.rows for seg in segments) != B or not segments:
+            raise ValueError(f"the segments hold {sum(seg.rows for seg in segments)} rows, the batch {B}")
+        spans, start = [], 0
+        for seg in segments:
+            if not 0 <= seg.slot < self.slots:
+                raise ValueError(f"KV slot {seg.slot} is not one of this session's {self.slots}")
+            if seg.rows < 1 or seg.position < 0 or seg.position + seg.rows > self.seq_len:
+                raise ValueError(f"positions {seg.position}..{seg.position + seg.rows - 1} do not fit the context "
+                                 f"of {self.seq_len} tokens")
+            spans.append((seg, start, start + seg.rows))
+            start += seg.rows
+        positions = np.concatenate([np.arange(seg.position, seg.position + seg.rows, dtype=np.int32)
+                                    for seg in segments]) if len(segments) > 1 else \
+            np.arange(segments[0].position, segments[0].position + B, dtype=np.int32)
         h, partial = self.h[:B], self.partial[:B]
         for index, layer in enumerate(self.layers):
             # attention: (B, D) -> q (B, Q), k/v (B, K) -> att (B, Q) -> partial (B, D)
@@ -180,11 +210,12 @@ class NodeForward:
                 kernels.rms_norm(k_heads, layer.k_norm, k_heads, c.norm_epsilon)
             kernels.rope(q, positions, self.inv_freq, self.slice.n_heads, c.head_dim, self.rope_style)
             kernels.rope(k, positions, self.inv_freq, self.slice.n_kv_heads, c.head_dim, self.rope_style)
-            self.cache.store(index, pos0, k, v)
             att = self.att[:B]
-            kernels.attention(q, self.cache.keys[index], self.cache.values[index], positions, att,
-                              self.slice.n_heads, self.slice.n_kv_heads,
-                              c.head_dim)
+            for seg, r0, r1 in spans:  # each sequence attends to its own slot
+                self.cache.store(index, seg.slot, seg.position, k[r0:r1], v[r0:r1])
+                kernels.attention(q[r0:r1], self.cache.keys[index, seg.slot], self.cache.values[index, seg.slot],
+                                  positions[r0:r1], att[r0:r1], self.slice.n_heads, self.slice.n_kv_heads,
+                                  c.head_dim)
             kernels.matmul(self._input(att), layer.wo, self.layout, partial)
             self.sync.reduce_add(partial, x, layer.attention_label)
 
@@ -196,11 +227,13 @@ class NodeForward:
                 self._ffn(layer.ffn, self._input(h), partial)
             self.sync.reduce_add(partial, x, layer.ffn_label)
 
-        if not logits and not all_logits:
+        keep = [r for seg, r0, r1 in spans for r in range(r1 - seg.logit_rows, r1)]
+        if not keep:
             return self.logits[:0]
-        rows = x if all_logits else x[B - 1:]
+        rows = x[keep[0]:keep[-1] + 1] if keep == list(range(keep[0], keep[-1] + 1)) else x[keep]
         out_h = self.h[: rows.shape[0]]
-        kernels.rms_norm(rows, self.w[tensor_name(Role.FINAL_NORM)].reshape(-1), out_h, c.norm_epsilon)
+        kernels.rms_norm(np.ascontiguousarray(rows), self.w[tensor_name(Role.FINAL_NORM)].reshape(-1), out_h,
+                         c.norm_epsilon)
         logits = self.logits[: rows.shape[0]]
         kernels.matmul(self._input(out_h), self.w[tensor_name(Role.CLASSIFIER)], self.layout, logits)
         return logits

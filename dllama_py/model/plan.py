@@ -222,11 +222,15 @@ class Plan:
         s = self.nodes[node]
         return 2 * self.config.n_layers * seq_len * s.n_kv_heads * s.head_dim * 4
 
-    def describe(self, seq_len: int, addresses: list[str] | None = None) -> str:
-        """A table of the plan: per node its heads, feed-forward rows, vocabulary rows and RAM."""
+    def describe(self, seq_len: int, addresses: list[str] | None = None, slots: int = 1) -> str:
+        """A table of the plan: per node its heads, feed-forward rows, vocabulary rows and RAM
+        (the KV cache of `slots` sequences of `seq_len` positions included)."""
         c = self.config
+        each = self.node_kv_cache_bytes(0, seq_len) / 2**20
+        kv = f"{seq_len} positions" if slots == 1 else \
+            f"{slots} sequences x {seq_len} positions (root: {each:.1f} MiB each)"
         lines = [f"plan: {self.n_nodes} node(s), {c.n_heads} heads / {c.n_kv_heads} KV heads, "
-                 f"feed-forward {c.ff_dim}, vocabulary {c.vocab_size}, KV cache for {seq_len} positions"]
+                 f"feed-forward {c.ff_dim}, vocabulary {c.vocab_size}, KV cache for {kv}"]
         for s in self.nodes:
             where = "root" if s.index == 0 else "worker"
             if addresses and 0 < s.index < len(addresses):
@@ -234,7 +238,7 @@ class Plan:
             q0, q1 = s.q_rows
             # The root reads embedding rows from the mapped file as tokens need them: not in RAM.
             embedding = self.embedding_bytes() if s.index == 0 else 0
-            ram = self.node_weight_bytes(s.index) - embedding + self.node_kv_cache_bytes(s.index, seq_len)
+            ram = self.node_weight_bytes(s.index) - embedding + self.node_kv_cache_bytes(s.index, seq_len) * slots
             lines.append(
                 f"  node {s.index} ({where}): KV heads {s.kv_start}-{s.kv_stop - 1}, "
                 f"query heads {q0 // c.head_dim}-{q1 // c.head_dim - 1}, "

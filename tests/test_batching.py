@@ -1,0 +1,134 @@
+"""Several sequences in one step (continuous batching's mechanism): each in its own KV-cache slot,
+at its own position, with its own readout, while the weights are read once for all of them.
+
+A sequence's logits in a batched step equal those of the same sequence run alone within 1e-5
+relative (the batch kernels may sum in another order), and its greedy and sampled tokens are the
+same, on one node and on clusters of 2 and 3 nodes (stories260K, f32 buffers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from cluster_helpers import make_engine
+
+from dllama_py.engine.engine import Engine, EngineError
+from dllama_py.engine.exchange import FULL, Readout
+from dllama_py.engine.sampler import Sampler
+from dllama_py.text.tokenizer import Tokenizer
+
+PROMPTS = ["Once upon a time", "The cat sat on the", "Lily and Tom went to the park and"]
+STEPS = 12
+
+
+def relative(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def lone_run(engine: Engine, ids: list[int]) -> tuple[list[int], list[np.ndarray]]:
+    """Greedy tokens and every step's logits of one sequence alone, in slot 0."""
+    engine.step(ids, 0, FULL)
+    tokens, logits = [], []
+    for i in range(STEPS):
+        row = engine.logits().copy()
+        logits.append(row)
+        tokens.append(int(np.argmax(row)))
+        engine.step([tokens[-1]], len(ids) + i, FULL)
+    return tokens, logits
+
+
+def batched_run(engine: Engine, prompts: list[list[int]]) -> tuple[list[list[int]], list[list[np.ndarray]]]:
+    """The same, every sequence in its own slot: all prompts in one step, then one row each per step."""
+    engine.step_batch([(slot, 0, ids, FULL) for slot, ids in enumerate(prompts)])
+    tokens: list[list[int]] = [[] for _ in prompts]
+    logits: list[list[np.ndarray]] = [[] for _ in prompts]
+    for i in range(STEPS):
+        for index in range(len(prompts)):
+            row = engine.logits(index).copy()
+            logits[index].append(row)
+            tokens[index].append(int(np.argmax(row)))
+        engine.step_batch([(slot, len(ids) + i, [tokens[slot][-1]], FULL) for slot, ids in enumerate(prompts)])
+    return tokens, logits
+
+
+@pytest.fixture(scope="module")
+def prompts(stories) -> list[list[int]]:
+    tokenizer = Tokenizer.load(stories[1])
+    return [tokenizer.encode(text) for text in PROMPTS]
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3])
+def test_each_sequence_of_a_batch_equals_its_lone_run(stories, workers, prompts, nodes):
+    model = stories[0]
+    with make_engine(model, workers, nodes, buffer_type="f32", max_seq_len=128) as engine:
+        alone = [lone_run(engine, ids) for ids in prompts]
+    with make_engine(model, workers, nodes, buffer_type="f32", max_seq_len=128, slots=4) as engine:
+        tokens, logits = batched_run(engine, prompts)
+    for index, (lone_tokens, lone_logits) in enumerate(alone):
+        assert tokens[index] == lone_tokens, index
+        worst = max(relative(a, b) for a, b in zip(logits[index], lone_logits))
+        assert worst < 1e-5, (index, worst)
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_sequences_with_different_readouts_in_one_step(stories, workers, prompts, nodes):
+    """Greedy from the nodes' best tokens, nucleus sampling from their top tokens and sampling from
+    every logit, side by side: each gives the tokens it gives alone."""
+    model = stories[0]
+    samplers = [lambda: Sampler(0.0), lambda: Sampler(0.8, 0.9, 7), lambda: Sampler(1.0, 1.0, 3)]
+
+    def alone(engine: Engine, index: int) -> list[int]:
+        sampler, ids = samplers[index](), prompts[index]
+        readout = engine.readout_for(sampler, 512)
+        engine.step(ids, 0, readout)
+        out = []
+        for i in range(STEPS):
+            out.append(engine.next_token(sampler))
+            engine.step([out[-1]], len(ids) + i, readout)
+        return out
+
+    with make_engine(model, workers, nodes, buffer_type="f32", max_seq_len=128) as engine:
+        expected = [alone(engine, i) for i in range(len(prompts))]
+    with make_engine(model, workers, nodes, buffer_type="f32", max_seq_len=128, slots=3) as engine:
+        live = [s() for s in samplers]
+        readouts = [engine.readout_for(s, 512) for s in live]
+        assert {r.mode.name for r in readouts} == {"ARGMAX", "TOPK", "FULL"}
+        engine.step_batch([(i, 0, ids, readouts[i]) for i, ids in enumerate(prompts)])
+        got: list[list[int]] = [[] for _ in prompts]
+        for step in range(STEPS):
+            for i, sampler in enumerate(live):
+                got[i].append(engine.next_token(sampler, i))
+            engine.step_batch([(i, len(ids) + step, [got[i][-1]], readouts[i]) for i, ids in enumerate(prompts)])
+    assert got == expected
+
+
+def test_a_slot_keeps_its_sequence_while_others_run(stories, prompts):
+    """A sequence paused in slot 0 while slots 1 and 2 run carries on as if alone."""
+    with Engine(stories[0], threads=1, buffer_type="f32", max_seq_len=128, log=lambda _: None) as engine:
+        lone_tokens, _ = lone_run(engine, prompts[0])
+    with Engine(stories[0], threads=1, buffer_type="f32", max_seq_len=128, slots=3, log=lambda _: None) as engine:
+        engine.step(prompts[0], 0, FULL, slot=0)
+        first = int(np.argmax(engine.logits()))
+        engine.step_batch([(1, 0, prompts[1], FULL), (2, 0, prompts[2], FULL)])
+        engine.step([first], len(prompts[0]), FULL, slot=0)
+        tokens = [first]
+        for i in range(1, STEPS):
+            tokens.append(int(np.argmax(engine.logits())))
+            engine.step([tokens[-1]], len(prompts[0]) + i, FULL, slot=0)
+    assert tokens == lone_tokens
+
+
+def test_bad_batches_are_refused(stories):
+    with Engine(stories[0], threads=1, max_seq_len=64, slots=2, log=lambda _: None) as engine:
+        for sequences, match in [
+            ([(0, 0, [1], FULL), (0, 5, [1], FULL)], "at most once"),
+            ([(2, 0, [1], FULL)], "slot 2"),
+            ([(0, 0, [], FULL)], "at least one"),
+            ([], "1 to"),
+            ([(1, 63, [1, 2], FULL)], "do not fit"),
+        ]:
+            with pytest.raises(EngineError, match=match):
+                engine.step_batch(sequences)
+        engine.step_batch([(1, 62, [1, 2], Readout())])  # the last positions of slot 1 are fine
+    with pytest.raises(EngineError, match="slots"):
+        Engine(stories[0], threads=1, slots=0, log=lambda _: None)
