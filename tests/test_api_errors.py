@@ -19,10 +19,12 @@ HI = [{"role": "user", "content": "Hi"}]
 
 @pytest.fixture(scope="module")
 def slow_server(stories_files, tmp_path_factory):
-    """One waiting request at most, and 20 ms per token, so a test can act during a generation."""
+    """One slot, one waiting request at most, and 20 ms per token, so a test can act during a generation."""
     api = ApiServer(
         *stories_files,
         tmp_path_factory.mktemp("api_logs") / "api.log",
+        "--parallel",
+        "1",
         "--max-queued",
         "1",
         "--debug-token-delay-ms",

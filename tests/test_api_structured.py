@@ -160,7 +160,7 @@ class RandomEngine(ScriptedEngine):
         self.rng = np.random.default_rng(0)
         self.chosen: list[int] = []
 
-    def next_token(self, sampler) -> int:
+    def next_token(self, sampler, index: int = 0) -> int:
         if self.scripts or self.pending is not None:
             return super().next_token(sampler)
         token = sampler.sample((self.rng.standard_normal(self.tokenizer.vocab_size) * 3).astype(np.float32))

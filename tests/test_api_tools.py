@@ -52,6 +52,7 @@ class ScriptedEngine:
         self.tokenizer, self.stop_id = tokenizer, stop_id
         self.seq_len = seq_len
         self.max_batch = 512
+        self.slots = 1  # one sequence at a time (dllama-api's batcher sees a one-slot engine)
         self.config = SimpleNamespace(vocab_size=tokenizer.vocab_size)
         self.info = EngineInfo(1, "scripted", "f32", "f32", seq_len, 1)
         self.scripts: list[str] = []
@@ -70,7 +71,11 @@ class ScriptedEngine:
         self.context.extend(tokens)
         return StepStats(len(tokens), 0.01)
 
-    def next_token(self, sampler) -> int:
+    def step_batch(self, sequences):
+        (slot, start_pos, tokens, readout), = sequences
+        return self.step(tokens, start_pos, readout)
+
+    def next_token(self, sampler, index: int = 0) -> int:
         if self.pending is None:
             assert self.scripts, "the test gave no scripted answer for this request"
             self.prompts.append(list(self.context))

@@ -93,7 +93,7 @@ def test_head_of_the_chat_page_answers_like_get_without_a_body(server):
 
 @pytest.fixture(scope="module")
 def no_queue_server(stories_files, tmp_path_factory):
-    api = ApiServer(*stories_files, tmp_path_factory.mktemp("api_logs") / "api.log", "--max-queued", "0",
+    api = ApiServer(*stories_files, tmp_path_factory.mktemp("api_logs") / "api.log", "--parallel", "1", "--max-queued", "0",
                     "--debug-token-delay-ms", "20")
     yield api
     api.stop()

@@ -78,11 +78,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="seed for requests that give none (default: a new one each request)",
     )
     parser.add_argument(
+        "--parallel",
+        type=int,
+        default=4,
+        metavar="N",
+        help="requests (choices) that generate at the same time, each in its own KV-cache slot; every step "
+        "evaluates one token of each in one pass over the weights (default 4; the start-up plan shows the "
+        "memory per slot, and the context is shortened if N slots would not fit in half the free RAM)",
+    )
+    parser.add_argument(
         "--max-queued",
         type=int,
         default=16,
         metavar="N",
-        help="requests that may wait while one generates; more get 429 (default 16; 0: none waits)",
+        help="requests that may wait while every slot is busy; more get 429 (default 16; 0: none waits)",
     )
     parser.add_argument(
         "--reconnect-interval",
@@ -107,11 +116,14 @@ def build_parser() -> argparse.ArgumentParser:
 def check_server_flags(args: argparse.Namespace) -> None:
     """The server's own flags, before anything loads; raises UserError."""
     from dllama_py.api.service import MIN_RECONNECT_INTERVAL_S
+    from dllama_py.engine.engine import MAX_SLOTS
 
     check_port(args.port)
     check_sampling(args)
     if args.max_queued < 0:
         raise UserError(f"--max-queued must not be negative, got {args.max_queued}")
+    if not 1 <= args.parallel <= MAX_SLOTS:
+        raise UserError(f"--parallel must lie in 1..{MAX_SLOTS}, got {args.parallel}")
     if not args.reconnect_interval >= MIN_RECONNECT_INTERVAL_S:  # 0 would retry in a busy loop; NaN too
         raise UserError(
             f"--reconnect-interval must be at least {MIN_RECONNECT_INTERVAL_S:g} seconds, "

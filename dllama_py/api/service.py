@@ -1,10 +1,13 @@
-"""The one generation worker behind the HTTP API.
+"""The one generation thread behind the HTTP API.
 
-The engine is not thread-safe, so one thread owns it and the generator: requests wait in a
-bounded FIFO queue (a full queue is a 429) and are served one at a time. Each request's
-tokens travel from that thread to its async handler through an asyncio queue
-(`loop.call_soon_threadsafe`). A client that goes away sets its job's `cancelled` event, which
-the generator reads before every token, so the generation stops at once.
+The engine is not thread-safe, so one thread owns it and its batcher (generation/batch.py):
+every choice of every request is a sequence in a KV-cache slot of the engine (`--parallel N`
+slots), and each engine step evaluates one token of every decoding sequence and chunks of new
+prompts together (continuous batching). Requests beyond the free slots wait in a bounded FIFO
+queue (a full queue is a 429) and join as slots free up. Each request's tokens travel from that
+thread to its async handler through an asyncio queue (`loop.call_soon_threadsafe`). A client
+that goes away sets its job's `cancelled` event, which the batcher reads before every step, so
+its sequences stop and free their slots at once.
 
 When a step fails (a worker died, a socket broke) the request ends with an error, the engine is
 closed, and a background thread builds a new one with the same factory, retrying until the
@@ -14,6 +17,7 @@ workers are back; meanwhile requests get a 503 and /health says why.
 from __future__ import annotations
 
 import asyncio
+import collections
 import queue
 import threading
 import time
@@ -27,12 +31,14 @@ from jinja2 import TemplateError
 from dllama_py.api.errors import ApiError
 from dllama_py.engine.engine import Engine, EngineError, TokenLogprobs
 from dllama_py.engine.exchange import NonFiniteLogits
-from dllama_py.engine.sampler import ConstraintError, Sampler
+from dllama_py.engine.sampler import Sampler
+from dllama_py.generation.batch import Batcher, Request
 from dllama_py.generation.chat_session import ChatFormat
-from dllama_py.generation.generator import ContextFullError, Generator, TokenEvent
+from dllama_py.generation.generator import ContextFullError, GenerationResult, TokenEvent
 from dllama_py.generation.grammar import CALL_STYLE_TAGGED, Grammar, GrammarError, Grammars
 from dllama_py.text.tokenizer import Tokenizer
 
+CLOSE = object()  # put on the queue to end the generation thread
 IDLE_CHECK_S = 2.0  # how often an idle server checks that its workers are still there
 MIN_RECONNECT_INTERVAL_S = 0.1  # a shorter interval would spin, logging every attempt
 
@@ -77,7 +83,7 @@ class Outcome:
         }
 
 
-@dataclass
+@dataclass(eq=False)  # a job is itself, hashable by identity
 class Job:
     """One request for the generation thread, and the channel its events come back on.
     `new_sampler(i)` makes the sampler of choice i (its seed, penalties, grammar: the state of
@@ -95,6 +101,14 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
     submitted: float = field(default_factory=time.perf_counter)
+    # kept by the generation thread
+    started: float | None = None
+    first_token: float | None = None
+    next_choice: int = 0  # choices not started yet: next_choice..choices-1
+    live: int = 0  # its sequences in the batcher now
+    results: dict[int, GenerationResult] = field(default_factory=dict)
+    failed: bool = False  # an error went out; the job ends when none of its sequences runs
+    ended: bool = False
 
     def cancel(self) -> None:
         """Stop this job's generation (or skip it if it has not started)."""
@@ -111,7 +125,7 @@ class Job:
 
 
 class GenerationService:
-    """Owns the engine, the generator and the thread that runs them.
+    """Owns the engine, its batcher and the thread that runs them.
 
     engine_factory builds an Engine (on one node or a cluster); it is called once here
     (errors propagate) and again after a failure, in the background, until it succeeds.
@@ -158,18 +172,19 @@ class GenerationService:
         self.grammars = Grammars(tokenizer)
         self._lock = threading.Lock()
         self.engine: Engine | None = None
-        self.generator: Generator | None = None
+        self.batcher: Batcher | None = None
         self._install(engine_factory())
         self.last_error: str | None = None
         self.reconnect_attempts = 0
         self.counters = {"served": 0, "cancelled": 0, "failed": 0, "tokens_generated": 0}
-        # Unbounded itself: _admitted counts the jobs queued or running, at most 1 + max_queued
+        # Unbounded itself: _admitted counts the jobs queued or running, at most slots + max_queued
         # (max_queued 0: none waits; Queue(maxsize=0) would have meant no limit at all).
-        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._queue: queue.Queue[Job | object] = queue.Queue()
         self.max_queued = max_queued
         self._admitted = 0
         self._admission = threading.Lock()
-        self._running: Job | None = None
+        self._jobs: set[Job] = set()  # admitted and not ended (for close)
+        self._waiting_count = 0  # jobs with choices not started yet (for /health)
         self._closing = threading.Event()
         self._reconnecting: threading.Thread | None = None
         self._thread = threading.Thread(target=self._serve_forever, name="dllama-generation", daemon=True)
@@ -177,20 +192,21 @@ class GenerationService:
 
     # ---- engine lifecycle -------------------------------------------------------------------
     def _install(self, engine: Engine) -> None:
-        generator = Generator(engine, self.tokenizer, self._nbatches)
+        batcher = Batcher(engine, self.tokenizer, self._nbatches)
         with self._lock:
-            self.engine, self.generator = engine, generator
+            self.engine, self.batcher = engine, batcher
             self.seq_len = engine.seq_len
             self.nodes = engine.info.nodes
+            self.slots = engine.slots
 
     @property
     def available(self) -> bool:
-        return self.generator is not None
+        return self.batcher is not None
 
     def _engine_failed(self, error: BaseException) -> None:
         """Drop the broken engine and start rebuilding it in the background."""
         with self._lock:
-            engine, self.engine, self.generator = self.engine, None, None
+            engine, self.engine, self.batcher = self.engine, None, None
             self.last_error = str(error)
         self.log(
             f"dllama-api: the model failed: {error}; reconnecting every {self._reconnect_interval_s:g} s"
@@ -307,14 +323,15 @@ class GenerationService:
         if not self.available:
             raise self.unavailable_error()
         with self._admission:
-            if self._admitted > self.max_queued:  # one running, max_queued waiting
+            if self._admitted >= self.slots + self.max_queued:  # every slot busy, max_queued waiting
                 waiting = (
-                    "another request is running and this server lets none wait (--max-queued 0)"
+                    f"all {self.slots} slots are busy and this server lets none wait (--max-queued 0)"
                     if self.max_queued == 0
                     else f"{self.max_queued} requests are already waiting"
                 )
                 raise ApiError(429, f"{waiting}; retry later", code="queue_full")
             self._admitted += 1
+            self._jobs.add(job)
         self._queue.put_nowait(job)
 
     def sampling(
@@ -329,124 +346,160 @@ class GenerationService:
 
     # ---- the generation thread --------------------------------------------------------------
     def _serve_forever(self) -> None:
+        waiting: collections.deque[Job] = collections.deque()  # admitted, not every choice started yet
         while True:
+            batcher = self.batcher
+            busy = batcher is not None and batcher.active
             try:
-                job = self._queue.get(timeout=IDLE_CHECK_S)
+                job = self._queue.get(timeout=IDLE_CHECK_S) if not busy and not waiting else self._queue.get_nowait()
             except queue.Empty:
-                self._check_idle_engine()
-                continue
-            if job is None:
+                if not busy and not waiting:
+                    self._check_idle_engine()
+                    continue
+                job = None
+            if job is CLOSE:
                 return
-            self._running = job
-            try:
-                self._serve(job)
-            finally:
-                self._running = None
-                with self._admission:
-                    self._admitted -= 1
+            if job is not None:
+                waiting.append(job)
+                continue  # take every queued job before the next step
+            self._start_waiting(waiting)
+            self._waiting_count = len(waiting)
+            if batcher is not None and batcher.active:
+                self._step(batcher)
 
-    def _serve(self, job: Job) -> None:
-        if job.cancelled.is_set():
-            self.counters["cancelled"] += 1
-            job.emit("cancelled")
-            return
-        generator = self.generator
-        if generator is None:
-            job.emit("error", self.unavailable_error())
-            self.counters["failed"] += 1
-            return
-        started = time.perf_counter()
+    def _start_waiting(self, waiting: collections.deque[Job]) -> None:
+        """Start the choices of the oldest jobs while slots are free (a job's choices start
+        before the next job's)."""
+        while waiting:
+            job, batcher = waiting[0], self.batcher
+            if job.cancelled.is_set() or job.failed or job.next_choice >= job.choices:
+                waiting.popleft()
+                self._check(job)
+                continue
+            if batcher is None:
+                self._fail(job, self.unavailable_error())
+                continue
+            if not batcher.free_slots:
+                return
+            index = job.next_choice
+            job.next_choice += 1
+            if job.started is None:
+                job.started = time.perf_counter()
+            if job.max_tokens == 0 and not (index == 0 and job.prompt_logprobs is not None):
+                job.results[index] = GenerationResult(list(job.prompt_ids), finish_reason="length")
+                continue
+            try:
+                batcher.start(self._request(job, index))
+            except ContextFullError as error:
+                self._fail(job, ApiError(400, str(error), None, "context_length_exceeded"))
+                continue
+            job.live += 1
+
+    def _request(self, job: Job, index: int) -> Request:
+        """Choice `index` of `job` as the batcher's request, its events going to the job."""
         delay = self._token_delay_s
-        index = 0
 
         def on_token(event: TokenEvent) -> None:
             if event.id >= 0:
                 self.counters["tokens_generated"] += 1
+                if job.first_token is None:
+                    job.first_token = time.perf_counter()
             if event.text or event.logprobs:
                 job.emit("token", Piece(index, event.text, [event.logprobs] if event.logprobs else []))
             if delay:
                 job.cancelled.wait(delay)
 
-        finish_reasons, completion_tokens, prompt_ms, evaluated = [], 0, 0.0, 0
-        try:
-            if job.prompt_logprobs is not None:
-                scoring = time.perf_counter()
-                job.emit("prompt_logprobs", generator.prompt_logprobs(job.prompt_ids, job.prompt_logprobs))
-                prompt_ms += (time.perf_counter() - scoring) * 1e3
-                evaluated = len(job.prompt_ids)
-            for index in range(job.choices):
-                if job.max_tokens == 0:
-                    finish_reasons.append("length")
-                    continue
-                result = generator.generate(
-                    job.prompt_ids,
-                    job.max_tokens,
-                    job.new_sampler(index),
-                    stop_ids=job.stop_ids,
-                    stop_strings=job.stop_strings,
-                    on_token=on_token,
-                    should_stop=job.cancelled.is_set,
-                )
-                finish_reasons.append(result.finish_reason)
-                completion_tokens += len(result.generated_ids)
-                prompt_ms += sum(s.compute_ms + s.sync_ms for s in result.prompt_steps)
-                if index == 0 and job.prompt_logprobs is None:
-                    evaluated = result.prompt_tokens_evaluated
-                if job.cancelled.is_set():
-                    break
-        except ContextFullError as error:
-            job.emit("error", ApiError(400, str(error), None, "context_length_exceeded"))
+        def on_done(result: GenerationResult) -> None:
+            job.live -= 1
+            job.results[index] = result
+            self._check(job)
+
+        def on_error(error: Exception) -> None:
+            job.live -= 1
+            if isinstance(error, NonFiniteLogits):
+                # The model's output, not the engine, is broken: this request fails, the engine stays.
+                self.log(f"dllama-api: a request failed: {error}")
+                self._fail(job, ApiError(500, str(error), code="non_finite_logits"))
+            elif isinstance(error, ApiError):
+                self._fail(job, error)
+            else:  # a grammar that cannot go on
+                self._fail(job, ApiError(400, f"response_format: {error}", "response_format"))
+
+        return Request(
+            job.prompt_ids, job.max_tokens, job.new_sampler(index),
+            stop_ids=list(self.tokenizer.eos_ids if job.stop_ids is None else job.stop_ids),
+            stop_strings=job.stop_strings, on_token=on_token, should_stop=job.cancelled.is_set,
+            score_prompt=job.prompt_logprobs if index == 0 else None,
+            on_prompt_scores=lambda scores: job.emit("prompt_logprobs", scores),
+            on_done=on_done, on_error=on_error)
+
+    def _fail(self, job: Job, error: ApiError) -> None:
+        """The job's answer is this error (the first one only); its other sequences stop."""
+        if not job.failed:
+            job.failed = True
             self.counters["failed"] += 1
+            job.emit("error", error)
+        job.cancel()
+        self._check(job)
+
+    def _check(self, job: Job) -> None:
+        """End the job once none of its sequences runs and none is left to start (or it failed or
+        was cancelled): its outcome goes out once and it leaves admission."""
+        if job.ended or job.live > 0:
             return
-        except NonFiniteLogits as error:
-            # The model's output, not the engine, is broken: this request fails, the engine stays.
-            # What the failed steps left in the KV cache is not reused.
-            generator.reset()
-            self.log(f"dllama-api: a request failed: {error}")
-            self.counters["failed"] += 1
-            job.emit("error", ApiError(500, str(error), code="non_finite_logits"))
+        finished = job.next_choice >= job.choices and len(job.results) == job.choices
+        if not (finished or job.failed or job.cancelled.is_set()):
             return
-        except ConstraintError as error:  # a grammar that cannot go on (it allows no token here)
-            generator.reset()
-            self.counters["failed"] += 1
-            job.emit("error", ApiError(400, f"response_format: {error}", "response_format"))
-            return
-        except Exception as error:  # noqa: BLE001
-            # A broken engine (a worker died, a socket failed) or a bug: either way its state is
-            # unknown, so it is rebuilt; the client gets the reason, the log the traceback.
-            if not isinstance(error, EngineError):  # an engine's message says all; anything else is a bug
-                self.log(f"dllama-api: generation failed:\n{traceback.format_exc().rstrip()}")
-            self.counters["failed"] += 1
-            job.emit(
-                "error",
-                ApiError(
-                    503, f"generation failed: {error}; the model is being reloaded", code="generation_failed"
-                ),
-            )
-            self._engine_failed(error)
+        job.ended = True
+        with self._admission:
+            self._admitted -= 1
+            self._jobs.discard(job)
+        if job.failed:
             return
         if job.cancelled.is_set():
             self.counters["cancelled"] += 1
             job.emit("cancelled")
             return
         self.counters["served"] += 1
-        job.emit(
-            "done",
-            Outcome(
-                finish_reasons,
-                len(job.prompt_ids),
-                completion_tokens,
-                evaluated,
-                (started - job.submitted) * 1e3,
-                prompt_ms,
-                (time.perf_counter() - started) * 1e3 - prompt_ms,
-            ),
-        )
+        results = [job.results[i] for i in range(job.choices)]
+        now = time.perf_counter()
+        started = job.started or now
+        prompt_ms = ((job.first_token or now) - started) * 1e3
+        job.emit("done", Outcome(
+            [r.finish_reason for r in results],
+            len(job.prompt_ids),
+            sum(len(r.generated_ids) for r in results),
+            results[0].prompt_tokens_evaluated,
+            (started - job.submitted) * 1e3,
+            prompt_ms,
+            (now - started) * 1e3 - prompt_ms,
+        ))
+
+    def _step(self, batcher: Batcher) -> None:
+        """One batched step; a broken engine fails every running request and is rebuilt."""
+        try:
+            batcher.step()
+        except Exception as error:  # noqa: BLE001
+            # A broken engine (a worker died, a socket failed) or a bug: either way its state is
+            # unknown, so it is rebuilt; the clients get the reason, the log the traceback.
+            if not isinstance(error, EngineError):  # an engine's message says all; anything else is a bug
+                self.log(f"dllama-api: generation failed:\n{traceback.format_exc().rstrip()}")
+            failure = ApiError(503, f"generation failed: {error}; the model is being reloaded",
+                               code="generation_failed")
+            runs = list(batcher.running.values())
+            batcher.running.clear()
+            for run in runs:
+                if run.request.on_error is not None:
+                    run.request.on_error(failure)
+            self._engine_failed(error)
 
     # ---- status -----------------------------------------------------------------------------
     def health(self) -> dict[str, Any]:
-        """What /health reports: whether the model is loaded and on how many nodes, the queue, counters."""
+        """What /health reports: whether the model is loaded and on how many nodes, the slots, the
+        queue, counters."""
         available = self.available
+        batcher = self.batcher
+        in_use = len(batcher.running) if batcher is not None else 0
         return {
             "status": "ok" if available else "unavailable",
             "model": self.model_id,
@@ -456,9 +509,10 @@ class GenerationService:
             "context": self.seq_len,
             "error": None if available else self.last_error,
             "reconnect_attempts": self.reconnect_attempts,
+            "slots": {"total": self.slots, "in_use": in_use, "free": self.slots - in_use},
             "queue": {
-                "running": self._running is not None,
-                "waiting": self._queue.qsize(),
+                "running": in_use > 0,
+                "waiting": self._queue.qsize() + self._waiting_count,
                 "max_waiting": self.max_queued,
             },
             "requests": dict(self.counters),
@@ -467,19 +521,13 @@ class GenerationService:
     def close(self) -> None:
         """Cancel what runs and waits, stop the thread, close the engine."""
         self._closing.set()
-        running = self._running
-        if running is not None:
-            running.cancel()
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not None:
-                job.cancel()
-        self._queue.put(None)
+        with self._admission:
+            jobs = list(self._jobs)
+        for job in jobs:
+            job.cancel()
+        self._queue.put(CLOSE)
         self._thread.join(timeout=30)
         with self._lock:
-            engine, self.engine, self.generator = self.engine, None, None
+            engine, self.engine, self.batcher = self.engine, None, None
         if engine is not None:
             engine.close()
