@@ -155,6 +155,10 @@ class ApiServer(Process):
     def health(self) -> httpx.Response:
         return httpx.get(f"{self.url}/health", timeout=10)
 
+    def get(self, path: str, **kwargs) -> httpx.Response:
+        kwargs.setdefault("headers", self.headers())
+        return httpx.get(f"{self.url}{path}", timeout=kwargs.pop("timeout", 30), **kwargs)
+
     def post(self, path: str, **kwargs) -> httpx.Response:
         kwargs.setdefault("headers", self.headers())
         return httpx.post(f"{self.url}{path}", timeout=kwargs.pop("timeout", 30), **kwargs)
