@@ -132,3 +132,35 @@ def test_bad_batches_are_refused(stories):
         engine.step_batch([(1, 62, [1, 2], Readout())])  # the last positions of slot 1 are fine
     with pytest.raises(EngineError, match="slots"):
         Engine(stories[0], threads=1, slots=0, log=lambda _: None)
+
+
+def test_the_batcher_gives_what_the_generator_gives(stories):
+    """Five requests (greedy and seeded samples, stop tokens, a stop string) through three slots with
+    chunked prefill give the texts and finish reasons Generator.generate gives for each alone."""
+    from dllama_py.generation.batch import Batcher, Request
+    from dllama_py.generation.generator import Generator
+
+    tokenizer = Tokenizer.load(stories[1])
+    texts = ["Once upon a time", "The cat sat on the", "Lily and Tom", "A big dog", "Tim had a red ball"]
+
+    def sampler(i: int) -> Sampler:
+        return Sampler(0.0) if i % 2 == 0 else Sampler(0.9, 0.9, 100 + i)
+
+    stops = ([], ["park"], [], [" the"], [])
+    with Engine(stories[0], threads=1, log=lambda _: None) as engine:
+        alone = [Generator(engine, tokenizer).generate(tokenizer.encode(t), 40, sampler(i), stop_ids=[2],
+                                                       stop_strings=stops[i]) for i, t in enumerate(texts)]
+    done: dict[int, object] = {}
+    with Engine(stories[0], threads=1, slots=3, log=lambda _: None) as engine:
+        batcher = Batcher(engine, tokenizer, nbatches=4)
+        queue = list(enumerate(texts))
+        while queue or batcher.active:
+            while queue and batcher.free_slots:
+                i, text = queue.pop(0)
+                batcher.start(Request(tokenizer.encode(text), 40, sampler(i), stop_ids=[2], stop_strings=stops[i],
+                                      on_done=lambda result, i=i: done.__setitem__(i, result)))
+            batcher.step()
+    assert [done[i].text for i in range(len(texts))] == [r.text for r in alone]
+    assert [done[i].finish_reason for i in range(len(texts))] == [r.finish_reason for r in alone]
+    assert [done[i].generated_ids for i in range(len(texts))] == [r.generated_ids for r in alone]
+    assert {r.finish_reason for r in alone} == {"stop", "length"}

@@ -11,9 +11,10 @@ Prefix cache: a slot keeps the tokens whose keys and values it holds after its s
 new sequence goes to the free slot whose tokens share the longest prefix with its prompt (the
 next turn of a chat, a shared system prompt) and evaluates only the rest.
 
-What a sequence does with its tokens is the generator's (stop tokens, stop strings, max_tokens,
-a full context, a finished grammar, log-probabilities): `Generator.generate` is this with one
-sequence.
+What a sequence does with its tokens follows the same rules as `Generator.generate` (stop
+tokens, stop strings, max_tokens, a full context, a finished grammar, log-probabilities), which
+drives one sequence for `dllama inference` and `dllama chat` with per-step statistics; the two
+loops are kept alike by tests (tests/test_batching.py's batched runs equal lone Generator runs).
 """
 
 from __future__ import annotations
