@@ -177,11 +177,15 @@ inline void tile_q40x16(const InputX16& x, const BlockQ40x16* w, float* y, int r
         for (int j = 0; j < BT; j++) {
             const size_t xi = static_cast<size_t>(b + j) * nb + k;
             const int32_t* q = reinterpret_cast<const int32_t*>(x.blocks[xi].qs);
-            __m256i s = _mm256_set1_epi32(-8 * x.block_sum[xi]);
-            for (int c = 0; c < 4; c++) {
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(q[c])), ones));
-                s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(q[4 + c])), ones));
+            // Sixteen-bit sums are exact here: a vpmaddubsw pair is at most 2*15*128 = 3840 in size and
+            // eight of them 30720 < 32767, so one vpmaddwd per block widens them (not eight).
+            __m256i s16 = _mm256_maddubs_epi16(lo[0], _mm256_set1_epi32(q[0]));
+            s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[0], _mm256_set1_epi32(q[4])));
+            for (int c = 1; c < 4; c++) {
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(lo[c], _mm256_set1_epi32(q[c])));
+                s16 = _mm256_add_epi16(s16, _mm256_maddubs_epi16(hi[c], _mm256_set1_epi32(q[4 + c])));
             }
+            const __m256i s = _mm256_add_epi32(_mm256_madd_epi16(s16, ones), _mm256_set1_epi32(-8 * x.block_sum[xi]));
             acc[j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s), _mm256_mul_ps(dw, _mm256_set1_ps(x.scale[xi])), acc[j]);
         }
     }
