@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--nodes", type=int, default=2, help="nodes to run on, root included (default 2)")
     demo.add_argument("--steps", type=int, default=32, help="tokens to generate (default 32)")
     demo.add_argument("--nthreads", type=int, default=1, help="threads per node (default 1)")
+
+    add_perplexity_parser(sub)
     return parser
 
 
@@ -266,6 +268,126 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(main, nodes=args.nodes, steps=args.steps, threads=args.nthreads)
 
 
+# ---- perplexity ----------------------------------------------------------------------------
+
+def add_perplexity_parser(sub) -> None:
+    """The `dllama perplexity` subcommand and its flags."""
+    p = sub.add_parser(
+        "perplexity", help="measure the model's perplexity over a text file (what a quantization costs)",
+        description="Perplexity over a text file, computed as llama.cpp's llama-perplexity does: the text "
+                    "(less one trailing newline) is tokenized with BOS first when the tokenizer adds one, cut "
+                    "into consecutive windows of --ctx tokens (the tokens after the last whole window are "
+                    "left out), each window is evaluated from position 0 with its first token replaced by "
+                    "BOS, and only its second half is scored: the logits at positions ctx/2 .. ctx-2 predict "
+                    "the tokens at ctx/2+1 .. ctx-1. stdout gets the running estimate after each window "
+                    "([1]x,[2]y,...) and 'Final estimate: PPL = x +/- standard error'; stderr the plan, a "
+                    "progress bar and the speed. --max-seq-len defaults to --ctx here.")
+    add_engine_arguments(p)
+    p.add_argument("--file", required=True, metavar="PATH", help="the text to score (UTF-8)")
+    p.add_argument("--ctx", type=int, default=512, metavar="N",
+                   help="tokens per window, even, at least 8 and at most the model's context (default 512, "
+                        "llama.cpp's); compare perplexities only at the same --ctx")
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="also write the figures to PATH as JSON: the running estimates, the final "
+                        "perplexity and its standard error, token and window counts")
+
+
+def read_text_file(path: str) -> str:
+    """The text of --file as llama.cpp's -f reads it (one trailing newline dropped); UserError when
+    it is missing, a directory, not UTF-8 or empty."""
+    from pathlib import Path
+
+    file = Path(path)
+    if file.is_dir():
+        raise UserError(f"--file {path} is a directory; give a text file")
+    if not file.is_file():
+        raise UserError(f"text file not found: {path}")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text (byte {error.start} cannot be decoded)") from None
+    text = text.removesuffix("\n")
+    if not text.strip():
+        raise UserError(f"{path} is empty: give a text to score")
+    return text
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    """`dllama perplexity`: check the flags and the text before loading anything, then score it."""
+    import time
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from dllama_py.engine.engine import open_model
+    from dllama_py.generation import perplexity as ppl
+
+    ctx = args.ctx
+    if ctx < ppl.MIN_CTX or ctx % 2:
+        raise UserError(f"--ctx must be an even number of at least {ppl.MIN_CTX} tokens, got {ctx}")
+    if args.nbatches < 1:
+        raise UserError(f"--nbatches must be at least 1, got {args.nbatches}")
+    if args.max_seq_len is not None and args.max_seq_len < ctx:
+        raise UserError(f"--max-seq-len {args.max_seq_len} is shorter than --ctx {ctx}: the KV cache must hold "
+                        "a whole window (leave --max-seq-len out and it follows --ctx)")
+    if args.json is not None and not Path(args.json).resolve().parent.is_dir():
+        raise UserError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
+    text = read_text_file(args.file)
+    tokenizer = load_tokenizer(args.tokenizer)
+    ids = ppl.tokenize_text(tokenizer, text)
+    if len(ids) < ctx:
+        raise UserError(f"{args.file} has {len(ids)} tokens but one window of --ctx {ctx} needs {ctx}: "
+                        "give a longer text or a smaller --ctx")
+    if Path(args.model).is_file():  # refuse a too-large window before any weight is loaded or shipped
+        with open_model(args.model) as model:
+            context = model.config.max_seq_len
+        if ctx > context:
+            raise UserError(f"--ctx {ctx} is larger than the model's context of {context} tokens")
+    if args.max_seq_len is None:
+        args.max_seq_len = ctx
+    windows = ppl.window_count(len(ids), ctx)
+    engine = make_engine(args, log_stderr)
+    try:
+        check_vocab(engine, tokenizer)
+        for note in engine.info.notes:
+            log_stderr(f"note: {note}")
+        log_stderr(f"weights {engine.info.weight_type}, buffer {engine.info.buffer_type}, "
+                   f"context {engine.info.seq_len}, threads {engine.info.threads}")
+        left_out = len(ids) - windows * ctx
+        log_stderr(f"{args.file}: {len(ids)} tokens, {windows} windows of {ctx} "
+                   f"({windows * (ctx - ctx // 2 - 1)} tokens scored)"
+                   + (f", the last {left_out} tokens left out" if left_out else ""))
+        # A growing stdout line and a progress bar on one terminal would overwrite each other: there
+        # the bar shows the running value and the line comes at the end.
+        live = not (sys.stdout.isatty() and sys.stderr.isatty())
+        start = time.perf_counter()
+        with tqdm(total=windows, unit="window", desc="perplexity", file=sys.stderr, leave=False) as bar:
+            def on_window(k: int, running: float) -> None:
+                if live:
+                    sys.stdout.write(f"[{k}]{running:.4f},")
+                    sys.stdout.flush()
+                bar.set_postfix_str(f"PPL {running:.4f}", refresh=False)
+                bar.update()
+
+            result = ppl.perplexity(engine, ids, ctx, ppl.window_bos(tokenizer), args.nbatches, on_window)
+        seconds = time.perf_counter() - start
+        if not live:
+            sys.stdout.write("".join(f"[{k}]{value:.4f}," for k, value in enumerate(result.running, 1)))
+        sys.stdout.write("\n")
+        print(f"Final estimate: PPL = {result.perplexity:.4f} +/- {result.standard_error:.5f}", flush=True)
+        log_stderr(f"{windows * ctx} tokens evaluated in {seconds:.2f} s ({windows * ctx / seconds:.1f} tokens/s)")
+        if args.json is not None:
+            figures = {"model": args.model, "tokenizer": args.tokenizer, "file": args.file, "ctx": ctx,
+                       "nodes": engine.info.nodes, "text_tokens": result.text_tokens, "windows": result.windows,
+                       "scored_tokens": result.scored_tokens, "running": result.running,
+                       "perplexity": result.perplexity, "standard_error": result.standard_error,
+                       "seconds": seconds}
+            Path(args.json).write_text(json.dumps(figures, indent=1) + "\n")
+    finally:
+        engine.close()
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -275,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode is None:
         parser.print_help()
         return 2
-    handlers = {"inference": cmd_inference, "chat": cmd_chat, "worker": cmd_worker, "demo": cmd_demo}
+    handlers = {"inference": cmd_inference, "chat": cmd_chat, "worker": cmd_worker, "demo": cmd_demo,
+                "perplexity": cmd_perplexity}
     try:
         return handlers[args.mode](args)
     except KeyboardInterrupt:
