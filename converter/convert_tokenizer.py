@@ -144,20 +144,52 @@ def _ids(value: object) -> list[int]:
     return []
 
 
+def token_lookup(tokenizer: TokenizerSource) -> dict[str, int]:
+    """Token text -> id (special tokens win over regular pieces with the same text)."""
+    lookup = {piece.decode("utf-8", "replace"): i for i, piece in enumerate(tokenizer.vocab)}
+    lookup.update(tokenizer.special_tokens)
+    return lookup
+
+
+def builtin_chat_template(tokenizer: TokenizerSource) -> str | None:
+    """Llama 3's template for a Llama 3 vocabulary (BOS 128000 `<|begin_of_text|>`), else None."""
+    if tokenizer.bos_id == 128000 and tokenizer.vocab[128000] == b"<|begin_of_text|>":
+        return BUILTIN_TEMPLATES["llama3"]
+    return None
+
+
+def use_first_special_as_bos(tokenizer: TokenizerSource) -> None:
+    """With no BOS, point it at the first special token (upstream treats ids >= bos as special)."""
+    if tokenizer.bos_id is None and tokenizer.special_tokens:
+        tokenizer.bos_id = min(tokenizer.special_tokens.values())
+        tokenizer.add_bos = False
+
+
+def end_of_generation_ids(tokenizer: TokenizerSource, lookup: dict[str, int], declared: list[int]) -> list[int]:
+    """Every id that ends generation, without repeats, in this order: the end-of-turn tokens the
+    chat template names (upstream appends the first after each message), the `declared` ids, then
+    special tokens named like an end of text (END_OF_TEXT_NAMES)."""
+    eos: list[int] = []
+    if tokenizer.chat_template:
+        eos += [lookup[t] for t in end_of_turn_tokens(tokenizer.chat_template) if t in lookup]
+    eos += declared
+    eos += [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
+    return list(dict.fromkeys(eos))
+
+
 def _apply_config(tokenizer: TokenizerSource, folder: Path, config: dict) -> None:
     """BOS, EOS, add_bos and chat template from the folder's config files."""
     model_config = _optional_json(folder / "config.json")
     generation = _optional_json(folder / "generation_config.json")
-    lookup = {piece.decode("utf-8", "replace"): i for i, piece in enumerate(tokenizer.vocab)}
-    lookup.update(tokenizer.special_tokens)
+    lookup = token_lookup(tokenizer)
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": ..., "template": ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default") or next(iter(named.values()), None)
     if isinstance(template, str):
         tokenizer.chat_template = template
-    elif tokenizer.bos_id == 128000 and tokenizer.vocab[128000] == b"<|begin_of_text|>":
-        tokenizer.chat_template = BUILTIN_TEMPLATES["llama3"]
+    else:
+        tokenizer.chat_template = builtin_chat_template(tokenizer) or tokenizer.chat_template
     bos_text = _token_text(config.get("bos_token"))
     if bos_text in lookup:
         tokenizer.bos_id = lookup[bos_text]
@@ -167,19 +199,11 @@ def _apply_config(tokenizer: TokenizerSource, folder: Path, config: dict) -> Non
         tokenizer.add_bos = bool(config["add_bos_token"])
     elif tokenizer.bos_id is not None and not tokenizer.add_bos and "bos_token" not in config:
         tokenizer.add_bos = True
-    if tokenizer.bos_id is None and tokenizer.special_tokens:
-        # upstream treats ids >= bos as special; with no BOS, point it at the first added token
-        tokenizer.bos_id = min(tokenizer.special_tokens.values())
-        tokenizer.add_bos = False
-    eos: list[int] = []
-    if tokenizer.chat_template:
-        eos += [lookup[t] for t in end_of_turn_tokens(tokenizer.chat_template) if t in lookup]
+    use_first_special_as_bos(tokenizer)
     eos_text = _token_text(config.get("eos_token"))
-    if eos_text in lookup:
-        eos.append(lookup[eos_text])
-    eos += _ids(generation.get("eos_token_id")) + _ids(model_config.get("eos_token_id")) + tokenizer.eos_ids
-    eos += [tokenizer.special_tokens[n] for n in END_OF_TEXT_NAMES if n in tokenizer.special_tokens]
-    tokenizer.eos_ids = list(dict.fromkeys(eos))
+    declared = [lookup[eos_text]] if eos_text in lookup else []
+    declared += _ids(generation.get("eos_token_id")) + _ids(model_config.get("eos_token_id")) + tokenizer.eos_ids
+    tokenizer.eos_ids = end_of_generation_ids(tokenizer, lookup, declared)
 
 
 def build_parser() -> argparse.ArgumentParser:
