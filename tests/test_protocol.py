@@ -22,7 +22,7 @@ SPEED = struct.Struct("<fQ")  # the end of WELCOME: matmul speed (GB/s), availab
 
 def pack(kind: MsgType, body: bytes = b"") -> bytes:
     """A payload built by hand, as root.py and worker.py built them before the typed messages."""
-    return struct.pack("<4sHB", b"DLPY", 3, int(kind)) + body
+    return struct.pack("<4sHB", b"DLPY", 4, int(kind)) + body
 
 PROOF = bytes(range(100, 132))
 
@@ -64,7 +64,7 @@ MESSAGES = [
 
 
 def payload(kind: MsgType, body: bytes = b"") -> bytes:
-    return struct.pack("<4sHB", b"DLPY", 3, int(kind)) + body
+    return struct.pack("<4sHB", b"DLPY", p.VERSION, int(kind)) + body
 
 
 # ---- round trips ------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_typed_encodings_are_the_hand_made_bytes():
     assert p.SendLogits().encode() == pack(MsgType.LOGITS)
     assert p.Loaded().encode() == pack(MsgType.LOADED)
     assert p.Loading().encode() == pack(MsgType.LOADING)
-    assert p.VERSION == 3 and p.HelloWorker(NONCE).encode()[:7] == b"DLPY\x03\x00\x01"
+    assert p.VERSION == 4 and p.HelloWorker(NONCE).encode()[:7] == b"DLPY\x04\x00\x01"
 
 
 def test_logits_mode_is_the_engines():
@@ -195,11 +195,11 @@ def refused(data: bytes, *expected: type, match: str, dim: int | None = DIM) -> 
 
 
 @pytest.mark.parametrize("data, match", [
-    (b"DLPY\x03\x00", "too short"),
+    (b"DLPY\x04\x00", "too short"),
     (b"XXXX\x02\x00\x01" + NONCE, "wrong magic"),
-    (b"DLPY\x63\x00\x01" + NONCE, "protocol version 99, this node speaks 3"),
-    (b"DLPY\x03\x00\x63", "unknown message type 99"),
-    (b"DLPY\x03\x00\x00", "unknown message type 0"),
+    (b"DLPY\x63\x00\x01" + NONCE, "protocol version 99, this node speaks 4"),
+    (b"DLPY\x04\x00\x63", "unknown message type 99"),
+    (b"DLPY\x04\x00\x00", "unknown message type 0"),
 ])
 def test_header_refusals_say_what_is_wrong(data, match):
     refused(data, match=match)

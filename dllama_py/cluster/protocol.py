@@ -46,7 +46,7 @@ import os
 import socket
 import string
 import struct
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import IntEnum
 from typing import Any, Callable, ClassVar, TypeVar, overload
 
@@ -55,8 +55,9 @@ import numpy as np
 from dllama_py.engine.exchange import LogitsMode, Readout, Segment  # Step carries them
 
 MAGIC = b"DLPY"
-VERSION = 3  # 3: SETUP has KV slots, a STEP carries segments (sequences); 2: SETUP names the model, READY
-# says whether the worker has its slices, LOADED
+# 4: SETUP has per-matrix types (GGUF); 3: SETUP has KV slots, a STEP carries segments (sequences);
+# 2: SETUP names the model, READY says whether the worker has its slices, LOADED
+VERSION = 4
 HEADER = struct.Struct("<4sHB")  # magic, version, type
 MAX_SETUP_BYTES = 1 << 20  # a handshake or setup message never needs more
 NONCE_BYTES = 16
@@ -313,6 +314,9 @@ _SETUP_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model_id": (lambda v: isinstance(v, str), "a string"),
     "shares": (_is_shares, "null or a list of finite numbers"),
     "slots": (_is_int, "an integer"),
+    "tensor_types": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, str)
+                                                           for k, t in v.items()),
+                     "an object of strings"),
 }
 
 
@@ -334,6 +338,7 @@ class Setup(Message):
     model_id: str  # the model's fingerprint (cluster/slice_cache.py)
     shares: list[float] | None = None  # every node's relative share of the work (plan.py); None: equal
     slots: int = 1  # KV-cache slots (sequences at once)
+    tensor_types: dict[str, str] = field(default_factory=dict)  # ModelConfig.tensor_types: name -> label
 
     def _body(self) -> bytes:
         return json.dumps(self.__dict__).encode("utf-8")

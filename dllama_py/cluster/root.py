@@ -142,7 +142,8 @@ class ClusterTransport:
         for index, sock in enumerate(socks, start=1):
             setup = p.Setup(session_id, index, self.names, [(int(k), v) for k, v in session.config.header_items()],
                             session.buffer_type, session.seq_len, session.max_batch, session.kv_storage,
-                            self.timeout_ms, model_id, session.shares, session.slots)
+                            self.timeout_ms, model_id, session.shares, session.slots,
+                            {name: t.label for name, t in session.config.tensor_types})
             try:
                 p.send_frame(sock, setup.encode())
             except OSError as error:

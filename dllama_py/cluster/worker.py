@@ -29,8 +29,8 @@ from dllama_py.engine.exchange import Exchange, LogitsMode, Readout, Segment
 from dllama_py.engine.loader import choose_layout, prepare_weights
 from dllama_py.engine.transport import BUFFER_TYPES
 from dllama_py.model import kernels
-from dllama_py.model.config import ModelConfig
-from dllama_py.model.forward import NodeForward
+from dllama_py.model.config import FloatType, ModelConfig
+from dllama_py.model.forward import NodeForward, tensor_layouts
 from dllama_py.model.plan import Plan
 from dllama_py.model.structure import Split, tensor_specs
 
@@ -303,6 +303,9 @@ class Heartbeat:
 def check_setup(setup: p.Setup) -> Plan:
     """The plan of a root's setup; raises ValueError saying why this worker cannot serve it."""
     config = ModelConfig.from_header(setup.header)  # ConfigError names the problem
+    if setup.tensor_types:  # FloatType.from_label and tensor_specs (in Plan.make) refuse bad ones
+        config = dataclasses.replace(config, tensor_types=tuple((name, FloatType.from_label(label))
+                                                                for name, label in setup.tensor_types.items()))
     if config.n_layers * max(config.n_experts, 1) > MAX_LAYER_EXPERTS:  # before anything walks them
         raise ValueError(f"a model of {config.n_layers} layers and {config.n_experts} experts is beyond this worker "
                          f"(at most {MAX_LAYER_EXPERTS} layers x experts)")
@@ -375,7 +378,7 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
             how = f"received {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights"
         log(f"{how} in {time.perf_counter() - start:.1f} s (node {me} of {plan.n_nodes})")
         layout = choose_layout(config)
-        prepare_weights(weights, layout)
+        prepare_weights(weights, tensor_layouts(config, layout))
         sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
         forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage, layout,
                               setup.slots)

@@ -8,23 +8,25 @@ memory-mapped file (`load_node_weights`); a worker receives them and calls `prep
 
 from __future__ import annotations
 
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import numpy as np
 
 from dllama_py.formats.model_file import ModelFile
 from dllama_py.model import kernels
 from dllama_py.model.config import FloatType, ModelConfig
+from dllama_py.model.forward import tensor_layouts
 from dllama_py.model.kernels import WeightLayout
 from dllama_py.model.plan import Plan, cut_tensor
 from dllama_py.model.structure import Split
 
 
 def choose_layout(config: ModelConfig, mapped: bool = False) -> WeightLayout:
-    """How this node holds the model's matrices. `mapped` weights stay views of the file, in
-    the file's layout (regrouping would copy them)."""
+    """How this node holds the model's q40 matrices, or its matrices of weight_float_type when
+    it has none. `mapped` weights stay views of the file, in the file's layout (regrouping would
+    copy them)."""
     stored = WeightLayout(config.weight_float_type.label)
-    if stored == WeightLayout.Q40 and not mapped and kernels.q40x16_fast():
+    if FloatType.Q40 in config.matrix_types and not mapped and kernels.q40x16_fast():
         return WeightLayout.Q40X16
     return stored
 
@@ -39,11 +41,11 @@ def prepare_tensor(array: np.ndarray, layout: WeightLayout) -> np.ndarray:
     return kernels.repack_q40x16(array)  # views of the model file, odd row counts
 
 
-def prepare_weights(weights: MutableMapping[str, np.ndarray], layout: WeightLayout) -> None:
-    """Bring received weights into `layout` in place, one tensor at a time, so that a regrouped
+def prepare_weights(weights: MutableMapping[str, np.ndarray], layouts: Mapping[str, WeightLayout]) -> None:
+    """Bring received weights into their layouts in place, one tensor at a time, so that a regrouped
     original is freed as soon as its copy exists (a worker's peak is its slice plus one tensor)."""
     for name in list(weights):  # names only: holding the arrays would keep every original alive
-        weights[name] = prepare_tensor(weights[name], layout)
+        weights[name] = prepare_tensor(weights[name], layouts[name])
 
 
 def load_node_weights(model: ModelFile, plan: Plan, node: int, layout: WeightLayout, mapped: bool = False,
@@ -56,16 +58,18 @@ def load_node_weights(model: ModelFile, plan: Plan, node: int, layout: WeightLay
     cannot also hold the model; slower)."""
     from tqdm import tqdm
 
+    layouts = tensor_layouts(model.config, layout)
     tensors = [t for t in model if plan.cut(t.name, node).kind is not Split.ROOT]
-    total = plan.node_weight_bytes(node) - (model["embedding"].nbytes if node == 0 else 0)
+    total = plan.node_weight_bytes(node) - (plan.embedding_bytes() if node == 0 else 0)
     out = {}
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", leave=False,
               disable=not progress or mapped or total < (256 << 20)) as bar:
         for tensor in tensors:
             part = cut_tensor(tensor.data, tensor.float_type, plan.cut(tensor.name, node))
-            if not mapped and not (layout == WeightLayout.Q40X16 and tensor.float_type == FloatType.Q40):
-                part = np.array(part)  # a copy; regrouping copies by itself
-            out[tensor.name] = prepare_tensor(part, layout)
+            if not mapped and not (layout == WeightLayout.Q40X16 and tensor.float_type == FloatType.Q40) \
+                    and (part.base is not None or not part.flags.writeable):
+                part = np.array(part)  # a copy of the file's bytes; regrouping copies by itself
+            out[tensor.name] = prepare_tensor(part, layouts[tensor.name])
             if not mapped:
                 model.release(tensor.name)  # this tensor's pages of the file are no longer needed
             bar.update(part.nbytes)

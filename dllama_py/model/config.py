@@ -148,6 +148,11 @@ class ModelConfig:
     norm_epsilon: float = 1e-5
     moe_hidden_dim: int = 0
     version: int = 0
+    # Matrices stored in another type than weight_float_type, as (tensor name, type) pairs: a GGUF
+    # file keeps some matrices at higher precision (e.g. the classifier in Q6_K, held as q80 beside
+    # q40 layers). Each must take the same input as weight_float_type (q40 with q80, f32 with f16).
+    # A `.m` header cannot store these (one type for every matrix); a cluster's SETUP carries them.
+    tensor_types: tuple[tuple[str, FloatType], ...] = ()
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through object.__setattr__
@@ -155,6 +160,7 @@ class ModelConfig:
         set_(self, "weight_float_type", FloatType(self.weight_float_type))
         set_(self, "hidden_act", HiddenAct(self.hidden_act))
         set_(self, "rope_type", RopeType(self.rope_type))
+        set_(self, "tensor_types", tuple(sorted((str(name), FloatType(t)) for name, t in self.tensor_types)))
         if self.head_dim == 0 and self.n_heads > 0:
             set_(self, "head_dim", self.dim // self.n_heads)
         if self.arch in (ArchType.QWEN3, ArchType.QWEN3_MOE):
@@ -189,6 +195,10 @@ class ModelConfig:
             raise ConfigError("a qwen3_moe model needs n_experts > 0")
         if self.norm_epsilon not in NORM_EPSILON_CODES.values():
             raise ConfigError(f"norm_epsilon must be 1e-5 or 1e-6, got {self.norm_epsilon}")
+        for name, float_type in self.tensor_types:
+            if float_type.block_values != self.weight_float_type.block_values:
+                raise ConfigError(f"tensor {name} in {float_type.label} cannot sit beside "
+                                  f"{self.weight_float_type.label} weights (their matmuls take different inputs)")
 
     # ---- derived sizes ------------------------------------------------------------------
     @property
@@ -200,6 +210,11 @@ class ModelConfig:
     def kv_dim(self) -> int:
         """Width of the key and value projections: head_dim * n_kv_heads."""
         return self.head_dim * self.n_kv_heads
+
+    @property
+    def matrix_types(self) -> set[FloatType]:
+        """Every type a matrix of this model is stored in."""
+        return {self.weight_float_type} | {t for _, t in self.tensor_types}
 
     @property
     def is_moe(self) -> bool:

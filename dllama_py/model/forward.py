@@ -20,10 +20,10 @@ from typing import Protocol
 import numpy as np
 
 from dllama_py.model import kernels
-from dllama_py.model.config import ArchType, HiddenAct, RopeType
+from dllama_py.model.config import ArchType, FloatType, HiddenAct, ModelConfig, RopeType
 from dllama_py.model.kernels import WeightLayout
 from dllama_py.model.plan import Plan
-from dllama_py.model.structure import Role, tensor_name
+from dllama_py.model.structure import Role, tensor_name, tensor_specs
 
 
 class Sync(Protocol):
@@ -96,6 +96,14 @@ class KVCache:
         self.keys = self.values = np.zeros((0, 0, 0), dtype=np.float32)
 
 
+def tensor_layouts(config: ModelConfig, layout: WeightLayout) -> dict[str, WeightLayout]:
+    """The layout of every tensor: q40 matrices in `layout` (choose_layout's), the others as
+    their type (a model may hold some matrices in another type: ModelConfig.tensor_types)."""
+    q40 = layout if layout == WeightLayout.Q40X16 else WeightLayout.Q40
+    return {spec.name: q40 if spec.float_type == FloatType.Q40 else WeightLayout(spec.float_type.label)
+            for spec in tensor_specs(config)}
+
+
 class NodeForward:
     """The forward pass of node `node` of `plan` over the weights it holds.
 
@@ -109,6 +117,7 @@ class NodeForward:
         c = self.config = plan.config
         s = self.slice = plan.nodes[node]
         self.layout = layout
+        self.layouts = tensor_layouts(c, layout)  # most matrices in `layout`; some models keep a few in another
         self.w = weights
         self.sync = sync
         self.seq_len = seq_len
@@ -150,17 +159,23 @@ class NodeForward:
         def w(role: Role, expert: int | None = None) -> np.ndarray:
             return self.w[tensor_name(role, i, expert)]
 
+        def lay(role: Role, expert: int | None = None) -> WeightLayout:
+            return self.layouts[tensor_name(role, i, expert)]
+
         layer = SimpleNamespace(
             attention_norm=w(Role.ATTENTION_NORM).reshape(-1), ffn_norm=w(Role.FFN_NORM).reshape(-1),
             qkv=[w(Role.WQ), w(Role.WK), w(Role.WV)], wo=w(Role.WO),
+            qkv_layouts=[lay(Role.WQ), lay(Role.WK), lay(Role.WV)], wo_layout=lay(Role.WO),
             attention_label=f"layer {i} attention sync", ffn_label=f"layer {i} feed-forward sync")
         if c.has_qk_norm:
             layer.q_norm, layer.k_norm = w(Role.Q_NORM).reshape(-1), w(Role.K_NORM).reshape(-1)
         if c.is_moe:
             layer.router = w(Role.ROUTER)
             layer.experts = [(w(Role.W1, e), w(Role.W3, e), w(Role.W2, e)) for e in range(c.n_experts)]
+            layer.expert_layouts = [(lay(Role.W1, e), lay(Role.W3, e), lay(Role.W2, e)) for e in range(c.n_experts)]
         else:
             layer.ffn = (w(Role.W1), w(Role.W3), w(Role.W2))
+            layer.ffn_layouts = (lay(Role.W1), lay(Role.W3), lay(Role.W2))
         return layer
 
     # ---- helpers ---------------------------------------------------------------------------
@@ -203,7 +218,7 @@ class NodeForward:
             # attention: (B, D) -> q (B, Q), k/v (B, K) -> att (B, Q) -> partial (B, D)
             kernels.rms_norm(x, layer.attention_norm, h, c.norm_epsilon)
             q, k, v = self.q[:B], self.k[:B], self.v[:B]
-            kernels.matmul_many(self._input(h), layer.qkv, self.layout, [q, k, v])
+            kernels.matmul_many(self._input(h), layer.qkv, layer.qkv_layouts, [q, k, v])
             if c.has_qk_norm:
                 q_heads, k_heads = q.reshape(-1, c.head_dim), k.reshape(-1, c.head_dim)  # per-head norm
                 kernels.rms_norm(q_heads, layer.q_norm, q_heads, c.norm_epsilon)
@@ -216,7 +231,7 @@ class NodeForward:
                 kernels.attention(q[r0:r1], self.cache.keys[index, seg.slot], self.cache.values[index, seg.slot],
                                   positions[r0:r1], att[r0:r1], self.slice.n_heads, self.slice.n_kv_heads,
                                   c.head_dim)
-            kernels.matmul(self._input(att), layer.wo, self.layout, partial)
+            kernels.matmul(self._input(att), layer.wo, layer.wo_layout, partial)
             self.sync.reduce_add(partial, x, layer.attention_label)
 
             # feed-forward: (B, D) -> (B, F) -> partial (B, D)
@@ -224,7 +239,7 @@ class NodeForward:
             if c.is_moe:
                 self._moe(layer, h, partial)
             else:
-                self._ffn(layer.ffn, self._input(h), partial)
+                self._ffn(layer.ffn, layer.ffn_layouts, self._input(h), partial)
             self.sync.reduce_add(partial, x, layer.ffn_label)
 
         keep = [r for seg, r0, r1 in spans for r in range(r1 - seg.logit_rows, r1)]
@@ -235,18 +250,20 @@ class NodeForward:
         kernels.rms_norm(np.ascontiguousarray(rows), self.w[tensor_name(Role.FINAL_NORM)].reshape(-1), out_h,
                          c.norm_epsilon)
         logits = self.logits[: rows.shape[0]]
-        kernels.matmul(self._input(out_h), self.w[tensor_name(Role.CLASSIFIER)], self.layout, logits)
+        kernels.matmul(self._input(out_h), self.w[tensor_name(Role.CLASSIFIER)],
+                       self.layouts[tensor_name(Role.CLASSIFIER)], logits)
         return logits
 
-    def _ffn(self, weights: tuple[np.ndarray, np.ndarray, np.ndarray], hq: np.ndarray, out: np.ndarray) -> None:
+    def _ffn(self, weights: tuple[np.ndarray, np.ndarray, np.ndarray],
+             layouts: tuple[WeightLayout, WeightLayout, WeightLayout], hq: np.ndarray, out: np.ndarray) -> None:
         """out (n, D) = w2 (activation(w1 h) * w3 h) over this node's rows of one FFN (w1, w3, w2)."""
         w1, w3, w2 = weights
         n = out.shape[0]
         a, b = self.ff_a[:n], self.ff_b[:n]
-        kernels.matmul_many(hq, [w1, w3], self.layout, [a, b])
+        kernels.matmul_many(hq, [w1, w3], [layouts[0], layouts[1]], [a, b])
         self.activation(a)
         kernels.mul(a, b)
-        kernels.matmul(self._input(a), w2, self.layout, out)
+        kernels.matmul(self._input(a), w2, layouts[2], out)
 
     def _moe(self, layer: SimpleNamespace, h: np.ndarray, out: np.ndarray) -> None:
         """Mixture of experts: the router runs on every node; each routed expert's FFN runs on
@@ -261,7 +278,7 @@ class NodeForward:
             rows, slots = np.nonzero(experts == expert)
             x_in = np.ascontiguousarray(hq[rows])
             y = self.expert_out[: len(rows)]
-            self._ffn(layer.experts[expert], x_in, y)
+            self._ffn(layer.experts[expert], layer.expert_layouts[expert], x_in, y)
             out[rows] += weights[rows, slots, None] * y
 
     def close(self) -> None:

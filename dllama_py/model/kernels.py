@@ -148,10 +148,17 @@ _MATMUL = {
 }
 
 
-def matmul_many(x: np.ndarray, ws: list[np.ndarray], layout: WeightLayout | str,
+def matmul_many(x: np.ndarray, ws: list[np.ndarray], layout: WeightLayout | str | list[WeightLayout],
                 ys: list[npt.NDArray[np.float32]]) -> None:
-    """ys[i] = x @ ws[i]^T for several matrices of one layout sharing the input x (q/k/v,
-    w1/w3): Q40 and Q80 blocks prepare x once and run in one pass over the thread pool."""
+    """ys[i] = x @ ws[i]^T for several matrices sharing the input x (q/k/v, w1/w3), of one
+    layout or one each: Q40 and Q80 blocks of one layout prepare x once and run in one pass
+    over the thread pool."""
+    if isinstance(layout, list):
+        if len(set(layout)) > 1:
+            for w, lay, y in zip(ws, layout, ys, strict=True):
+                matmul(x, w, lay, y)
+            return
+        layout = layout[0]
     layout = weight_layout(layout)
     if layout in (WeightLayout.Q40, WeightLayout.Q80):
         _core.matmul_q80_many(x, ws, ys, layout == WeightLayout.Q80)

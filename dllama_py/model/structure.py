@@ -108,8 +108,8 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
     """The tensors of a model in file order, as distributed-llama's converter writes them.
 
     Embedding, norms, q/k norms and the MoE router are f32; every other matrix uses
-    `config.weight_float_type`. Raises ConfigError when a matrix row is not a whole number of
-    quantization blocks.
+    `config.weight_float_type`, or its own type from `config.tensor_types`. Raises ConfigError
+    when a matrix row is not a whole number of quantization blocks.
     """
     wt, f32 = config.weight_float_type, FloatType.F32
     dim, ff = config.dim, config.ff_dim
@@ -141,6 +141,13 @@ def tensor_specs(config: ModelConfig) -> list[TensorSpec]:
                       spec(Role.K_NORM, (1, config.head_dim), f32, layer)]
         specs += [spec(Role.ATTENTION_NORM, (1, dim), f32, layer), spec(Role.FFN_NORM, (1, dim), f32, layer)]
     specs += [spec(Role.FINAL_NORM, (1, dim), f32), spec(Role.CLASSIFIER, (config.vocab_size, dim), wt)]
+    if config.tensor_types:
+        overrides = dict(config.tensor_types)
+        matrices = {s.name for s in specs if s.float_type == wt and s.role is not Role.EMBEDDING}
+        unknown = sorted(set(overrides) - matrices)
+        if unknown:
+            raise ConfigError(f"no weight matrix named {unknown[0]} in this model (a tensor type names one)")
+        specs = [TensorSpec(s.name, s.shape, overrides[s.name], s.role) if s.name in overrides else s for s in specs]
     for s in specs:
         _rows, cols = s.shape
         if cols % s.float_type.block_values:
