@@ -48,11 +48,11 @@ py::array_t<uint8_t> quantize(const py::array& x) {
     return out;
 }
 
-template <typename Block, void (*Dequantize)(const Block*, float*, size_t)>
+template <typename Block, void (*Dequantize)(const Block*, float*, size_t), int Values = QK>
 py::array_t<float> dequantize(const py::array& q) {
     const uint8_t* qp = in_ptr<uint8_t>(q, "q");
     const ssize_t nb = blocks_of_bytes(q, "q", sizeof(Block));
-    py::array_t<float> out(with_last(q, nb * QK));
+    py::array_t<float> out(with_last(q, nb * Values));
     float* op = out.mutable_data();
     const size_t total = static_cast<size_t>(leading_rows(q) * nb);
     py::gil_scoped_release nogil;
@@ -148,6 +148,12 @@ void bind_kernels(py::module_& m) {
     m.def("quantize_q80", &quantize<BlockQ80, quantize_q80>, py::arg("x"));
     m.def("dequantize_q80", &dequantize<BlockQ80, dequantize_q80>, py::arg("q"));
     m.def("quantize_q80_into", &quantize_q80_into, py::arg("x"), py::arg("out"));
+    m.def("dequantize_q4k", &dequantize<BlockQ4K, dequantize_q4k, QK_K>, py::arg("q"),
+          "llama.cpp Q4_K super-blocks (uint8 rows of 144-byte blocks) to float32 (threaded)");
+    m.def("dequantize_q5k", &dequantize<BlockQ5K, dequantize_q5k, QK_K>, py::arg("q"),
+          "llama.cpp Q5_K super-blocks (uint8 rows of 176-byte blocks) to float32 (threaded)");
+    m.def("dequantize_q6k", &dequantize<BlockQ6K, dequantize_q6k, QK_K>, py::arg("q"),
+          "llama.cpp Q6_K super-blocks (uint8 rows of 210-byte blocks) to float32 (threaded)");
     m.def("f32_to_f16", [](const py::array& x) {
         const float* xp = in_ptr<float>(x, "x");
         py::array_t<uint16_t> out(std::vector<ssize_t>(x.shape(), x.shape() + x.ndim()));

@@ -75,6 +75,15 @@ void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks) {
 void dequantize_q80(const BlockQ80* x, float* y, size_t n_blocks) {
     parallel_blocks(n_blocks, n_blocks * QK, [&](size_t b, size_t e) { dequantize_q80_ref(x + b, y + b * QK, e - b); });
 }
+void dequantize_q4k(const BlockQ4K* x, float* y, size_t n_blocks) {
+    parallel_blocks(n_blocks, n_blocks * QK_K, [&](size_t b, size_t e) { dequantize_q4k_ref(x + b, y + b * QK_K, e - b); });
+}
+void dequantize_q5k(const BlockQ5K* x, float* y, size_t n_blocks) {
+    parallel_blocks(n_blocks, n_blocks * QK_K, [&](size_t b, size_t e) { dequantize_q5k_ref(x + b, y + b * QK_K, e - b); });
+}
+void dequantize_q6k(const BlockQ6K* x, float* y, size_t n_blocks) {
+    parallel_blocks(n_blocks, n_blocks * QK_K, [&](size_t b, size_t e) { dequantize_q6k_ref(x + b, y + b * QK_K, e - b); });
+}
 void convert_f32_to_f16(const float* x, uint16_t* y, size_t n) {
     parallel_blocks(n, n, [&](size_t b, size_t e) {
         for (size_t i = b; i < e; i++) y[i] = f32_to_f16(x[i]);

@@ -125,4 +125,83 @@ void dequantize_q80_ref(const BlockQ80* x, float* y, size_t n_blocks) {
     }
 }
 
+// ---- K-quants (the layouts are llama.cpp's, ggml-common.h; the arithmetic written from them) ----
+namespace {
+// Sub-block j's 6-bit scale and min: j < 4 in the low 6 bits of bytes j and j+4; j >= 4 split
+// between the low/high nibble of byte j+4 and the top 2 bits of bytes j-4 and j.
+inline void scale_min_k4(int j, const uint8_t* q, int* sc, int* mn) {
+    if (j < 4) {
+        *sc = q[j] & 63;
+        *mn = q[j + 4] & 63;
+    } else {
+        *sc = (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4);
+        *mn = (q[j + 4] >> 4) | ((q[j] >> 6) << 4);
+    }
+}
+}  // namespace
+
+void dequantize_q4k_ref(const BlockQ4K* x, float* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float d = f16_lut(x[b].d), dmin = f16_lut(x[b].dmin);
+        const uint8_t* q = x[b].qs;
+        for (int j = 0; j < QK_K / 64; j++) {  // 64 values: low nibbles of 32 bytes, then high ones
+            int sc, mn;
+            scale_min_k4(2 * j, x[b].scales, &sc, &mn);
+            const float d1 = d * sc, m1 = dmin * mn;
+            scale_min_k4(2 * j + 1, x[b].scales, &sc, &mn);
+            const float d2 = d * sc, m2 = dmin * mn;
+            for (int l = 0; l < 32; l++) *y++ = d1 * (q[l] & 0xF) - m1;
+            for (int l = 0; l < 32; l++) *y++ = d2 * (q[l] >> 4) - m2;
+            q += 32;
+        }
+    }
+}
+
+void dequantize_q5k_ref(const BlockQ5K* x, float* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float d = f16_lut(x[b].d), dmin = f16_lut(x[b].dmin);
+        const uint8_t* ql = x[b].qs;
+        const uint8_t* qh = x[b].qh;
+        uint8_t u1 = 1, u2 = 2;  // the bit of qh that holds each half's fifth bit
+        for (int j = 0; j < QK_K / 64; j++) {
+            int sc, mn;
+            scale_min_k4(2 * j, x[b].scales, &sc, &mn);
+            const float d1 = d * sc, m1 = dmin * mn;
+            scale_min_k4(2 * j + 1, x[b].scales, &sc, &mn);
+            const float d2 = d * sc, m2 = dmin * mn;
+            for (int l = 0; l < 32; l++) *y++ = d1 * ((ql[l] & 0xF) + (qh[l] & u1 ? 16 : 0)) - m1;
+            for (int l = 0; l < 32; l++) *y++ = d2 * ((ql[l] >> 4) + (qh[l] & u2 ? 16 : 0)) - m2;
+            ql += 32;
+            u1 = static_cast<uint8_t>(u1 << 2);
+            u2 = static_cast<uint8_t>(u2 << 2);
+        }
+    }
+}
+
+void dequantize_q6k_ref(const BlockQ6K* x, float* y, size_t n_blocks) {
+    for (size_t b = 0; b < n_blocks; b++) {
+        const float d = f16_lut(x[b].d);
+        const uint8_t* ql = x[b].ql;
+        const uint8_t* qh = x[b].qh;
+        const int8_t* sc = x[b].scales;
+        for (int n = 0; n < QK_K / 128; n++) {  // 128 values: four runs of 32 from 64 ql and 32 qh bytes
+            for (int l = 0; l < 32; l++) {
+                const int is = l / 16;
+                const int q1 = ((ql[l] & 0xF) | (((qh[l] >> 0) & 3) << 4)) - 32;
+                const int q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) - 32;
+                const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+                const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+                y[l] = d * sc[is] * q1;
+                y[l + 32] = d * sc[is + 2] * q2;
+                y[l + 64] = d * sc[is + 4] * q3;
+                y[l + 96] = d * sc[is + 6] * q4;
+            }
+            y += 128;
+            ql += 64;
+            qh += 32;
+            sc += 8;
+        }
+    }
+}
+
 }  // namespace dllama

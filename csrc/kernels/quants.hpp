@@ -43,4 +43,33 @@ void dequantize_q40_ref(const BlockQ40* x, float* y, size_t n_blocks);
 void quantize_q80_ref(const float* x, BlockQ80* y, size_t n_blocks);
 void dequantize_q80_ref(const BlockQ80* x, float* y, size_t n_blocks);
 
+// ---- llama.cpp's K-quants (GGUF files), read to be requantized: 256 values per super-block ----
+constexpr int QK_K = 256;
+// Q4_K: 8 sub-blocks of 32, each with a 6-bit scale and a 6-bit min packed in `scales`;
+// value = d * scale * nibble - dmin * min. 144 bytes.
+struct BlockQ4K {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qs[QK_K / 2];
+};
+// Q5_K: Q4_K plus a fifth bit per value in qh. 176 bytes.
+struct BlockQ5K {
+    uint16_t d, dmin;
+    uint8_t scales[12];
+    uint8_t qh[QK_K / 8];
+    uint8_t qs[QK_K / 2];
+};
+// Q6_K: 16 sub-blocks of 16 with int8 scales; 4 low bits in ql, 2 high bits in qh,
+// value = d * scale * (q - 32). 210 bytes.
+struct BlockQ6K {
+    uint8_t ql[QK_K / 2];
+    uint8_t qh[QK_K / 4];
+    int8_t scales[QK_K / 16];
+    uint16_t d;
+};
+static_assert(sizeof(BlockQ4K) == 144 && sizeof(BlockQ5K) == 176 && sizeof(BlockQ6K) == 210, "K-quant sizes");
+void dequantize_q4k_ref(const BlockQ4K* x, float* y, size_t n_blocks);
+void dequantize_q5k_ref(const BlockQ5K* x, float* y, size_t n_blocks);
+void dequantize_q6k_ref(const BlockQ6K* x, float* y, size_t n_blocks);
+
 }  // namespace dllama

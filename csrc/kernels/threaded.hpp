@@ -15,6 +15,10 @@ void dequantize_q40(const BlockQ40* x, float* y, size_t n_blocks);
 void quantize_q80(const float* x, BlockQ80* y, size_t n_blocks);
 void dequantize_q80(const BlockQ80* x, float* y, size_t n_blocks);
 void convert_f32_to_f16(const float* x, uint16_t* y, size_t n);
+// llama.cpp's K-quants to float (n_blocks super-blocks of QK_K values), for requantizing GGUF weights.
+void dequantize_q4k(const BlockQ4K* x, float* y, size_t n_blocks);
+void dequantize_q5k(const BlockQ5K* x, float* y, size_t n_blocks);
+void dequantize_q6k(const BlockQ6K* x, float* y, size_t n_blocks);
 void convert_f16_to_f32(const uint16_t* x, float* y, size_t n);
 
 // ---- matmul y[B][rows] = x[B][cols] * w[rows][cols]^T (threaded over rows) ----

@@ -48,10 +48,12 @@ def model_fingerprint(model: ModelFile) -> str:
     every tensor (about 64 KiB read per tensor)."""
     h = hashlib.blake2b(digest_size=20)
     h.update(json.dumps([[int(k), v] for k, v in model.config.header_items()]).encode())
+    if model.config.tensor_types:
+        h.update(json.dumps([[name, int(t)] for name, t in model.config.tensor_types]).encode())
     h.update(str(model.file_size).encode())
     for tensor in model:
         h.update(tensor.name.encode())
-        flat = tensor.data.reshape(-1).view(np.uint8)
+        flat = tensor.stored.reshape(-1)
         last = max(0, flat.size - SAMPLE_BYTES)
         for i in range(SAMPLES_PER_TENSOR):
             start = last * i // (SAMPLES_PER_TENSOR - 1)

@@ -21,6 +21,7 @@ from dllama_py.engine.exchange import FULL, NO_LOGITS, Collected, Exchange, Logi
 from dllama_py.engine.loader import choose_layout, load_node_weights
 from dllama_py.engine.sampler import Sampler
 from dllama_py.engine.transport import BUFFER_TYPES, Loopback, NodeReport, Session, Transport
+from dllama_py.formats.gguf_file import GGUFModel, is_gguf
 from dllama_py.formats.model_file import ModelFile, read_model
 from dllama_py.model import kernels
 from dllama_py.model.config import FloatType, ModelConfig
@@ -133,11 +134,19 @@ def default_buffer_type(config: ModelConfig) -> str:
     return "q80" if config.weight_float_type in (FloatType.Q40, FloatType.Q80) else "f32"
 
 
-def open_model(path: str | os.PathLike[str]) -> ModelFile:
-    """Open a `.m` file; a missing or unreadable file becomes an EngineError with the path."""
+def open_model(path: str | os.PathLike[str], weight_type: str | None = None,
+               log: Callable[[str], None] | None = None) -> ModelFile | GGUFModel:
+    """Open a `.m` or a GGUF file (told apart by their first bytes); a missing file becomes an
+    EngineError with the path. `weight_type` (q40, q80) is what a GGUF's other quantized types
+    become; a `.m` file has no other types."""
     p = Path(path)
     if not p.is_file():
         raise EngineError(f"model file not found: {p}")
+    if is_gguf(p):
+        return GGUFModel(p, weight_type, log)
+    if weight_type is not None:
+        raise EngineError(f"--weight-type applies to GGUF files; {p.name} is a .m file, whose weights are "
+                          "already q40/q80/f16/f32")
     return read_model(p)
 
 
@@ -153,10 +162,10 @@ class Engine:
                  threads: int | None = None, buffer_type: str | None = None, max_seq_len: int | None = None,
                  kv_storage: str = "ram", max_batch: int = 32, mmap_weights: bool = False,
                  shares: list[float] | str | None = None, log: Callable[[str], None] | None = None,
-                 progress: bool = True, slots: int = 1) -> None:
+                 progress: bool = True, slots: int = 1, weight_type: str | None = None) -> None:
         self.transport = transport if transport is not None else Loopback()
         self.log = log or (lambda message: None)
-        self.model = open_model(model_path)
+        self.model = open_model(model_path, weight_type, self.log)
         self.config = c = self.model.config
         self.buffer_type = buffer_type or self.transport.default_buffer_type(c)
         if self.buffer_type not in BUFFER_TYPES:
@@ -202,7 +211,6 @@ class Engine:
             self.close()
             raise
         self.layout = layout
-        self.embedding = self.model["embedding"]
         self.exchange = Exchange(plan, 0)
         self.x = np.zeros((max_batch, c.dim), dtype=np.float32)
         self._local: np.ndarray | None = None  # this node's logits slice of the last step
@@ -274,7 +282,7 @@ class Engine:
         sent0, received0, sync0 = self.transport.counters()
         x = self.x[:B]
         ids = [t for _, _, tokens, _ in sequences for t in tokens]
-        kernels.embedding(self.embedding, np.asarray(ids, dtype=np.int32), x)
+        self.model.embed(ids, x)
         self._segments, self._collected = segments, [Collected() for _ in segments]
         try:
             self.transport.send_step(segments, x)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,6 +60,11 @@ class Tensor:
     @property
     def float_type(self) -> FloatType:
         return self.spec.float_type
+
+    @property
+    def stored(self) -> np.ndarray:
+        """The tensor's bytes in the file (uint8)."""
+        return self.data.reshape(-1).view(np.uint8)
 
 
 def _parse_header(path: Path, head: bytes, file_size: int) -> tuple[int, list[tuple[int, int]]]:
@@ -153,6 +158,12 @@ class ModelFile:
 
     def __iter__(self) -> Iterator[Tensor]:
         return iter(self.tensors.values())
+
+    def embed(self, ids: Sequence[int] | np.ndarray, out: np.ndarray) -> None:
+        """out[i] = the embedding of ids[i] (f32 rows of the mapped file)."""
+        from dllama_py.model import kernels
+
+        kernels.embedding(self.tensors["embedding"].data, np.asarray(ids, dtype=np.int32), out)
 
     def release(self, name: str | None = None) -> None:
         """Let go of the resident pages of tensor `name` (of every tensor when None): this
