@@ -14,9 +14,9 @@ from dllama_py.commands.options import (
     check_port,
     check_sampling,
     check_vocab,
-    load_tokenizer,
     log_stderr,
     make_engine,
+    model_tokenizer,
 )
 from dllama_py.engine.engine import EngineError
 
@@ -202,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     try:
-        tokenizer = load_tokenizer(args.tokenizer)
+        tokenizer = model_tokenizer(args)
         service = GenerationService(
             tokenizer,
             model_engine_factory(args, tokenizer),
-            model_id=args.model_name or Path(args.model).name.removesuffix(".m"),
+            model_id=args.model_name or Path(args.model).name.removesuffix(".m").removesuffix(".gguf"),
             chat_template=args.chat_template,
             nbatches=args.nbatches,
             max_queued=args.max_queued,

@@ -16,9 +16,9 @@ from dllama_py.commands.options import (
     check_sampling,
     check_threads,
     check_vocab,
-    load_tokenizer,
     log_stderr,
     make_engine,
+    model_tokenizer,
 )
 
 STATS_PROMPT = "🔷️ Eval{compute:5.0f} ms Sync{sync:5.0f} ms | Sent{sent:6d} kB Recv{recv:6d} kB | ({tokens} tokens)"
@@ -116,7 +116,7 @@ def cmd_inference(args: argparse.Namespace) -> int:
     if args.steps < 0:
         raise UserError(f"--steps must not be negative, got {args.steps}")
     check_sampling(args)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = model_tokenizer(args)
     if args.prompt_ids is not None:
         try:
             prompt_ids = [int(t) for t in args.prompt_ids.split(",") if t.strip()]
@@ -217,7 +217,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from dllama_py.generation.chat_session import ChatSession
 
     check_sampling(args)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = model_tokenizer(args)
     engine = make_engine(args, log_stderr)
     try:
         check_vocab(engine, tokenizer)
@@ -333,7 +333,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     if args.json is not None and not Path(args.json).resolve().parent.is_dir():
         raise UserError(f"--json {args.json}: folder {Path(args.json).resolve().parent} does not exist")
     text = read_text_file(args.file)
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = model_tokenizer(args)
     ids = ppl.tokenize_text(tokenizer, text)
     if len(ids) < ctx:
         raise UserError(f"{args.file} has {len(ids)} tokens but one window of --ctx {ctx} needs {ctx}: "

@@ -17,8 +17,15 @@ class UserError(Exception):
 
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Flags shared by every command that loads a model (inference, chat, dllama-api)."""
-    p.add_argument("--model", required=True, metavar="M", help="model file (.m, distributed-llama format)")
-    p.add_argument("--tokenizer", required=True, metavar="T", help="tokenizer file (.t)")
+    p.add_argument("--model", required=True, metavar="M",
+                   help="model file: distributed-llama .m, or llama.cpp GGUF (F32/F16/BF16/Q8_0/Q4_0 weights used as "
+                        "they are, other types requantized while loading)")
+    p.add_argument("--tokenizer", default=None, metavar="T",
+                   help="tokenizer file (.t); needed for a .m model; a GGUF model carries its own, which this "
+                        "replaces")
+    p.add_argument("--weight-type", choices=("q40", "q80"), default=None,
+                   help="GGUF only: what matrices of other quantized types (K-quants, Q5_0, ...) become while "
+                        "loading (default: q40 for 2-5 bit types, q80 for 6-8 bit ones)")
     p.add_argument("--nthreads", type=int, default=None, metavar="K",
                    help="compute threads on this node (default: all cores)")
     p.add_argument("--buffer-float-type", choices=("f32", "q80"), default=None,
@@ -98,11 +105,32 @@ def load_tokenizer(path: str):  # -> Tokenizer
     return Tokenizer.load(path)
 
 
+def model_tokenizer(args: argparse.Namespace):  # -> Tokenizer
+    """--tokenizer, or the tokenizer a GGUF --model carries."""
+    if args.tokenizer is not None:
+        return load_tokenizer(args.tokenizer)
+    from dllama_py.converter.tokenizer_sources import SourceError
+    from dllama_py.formats.gguf_file import is_gguf, read_tokenizer
+
+    model = Path(args.model)
+    if not model.is_file():
+        raise UserError(f"model file not found: {model}")
+    if not is_gguf(model):
+        raise UserError(f"--tokenizer is needed: {model.name} is a .m model, which holds no tokenizer")
+    try:
+        tokenizer, warnings = read_tokenizer(model)
+    except SourceError as error:
+        raise UserError(f"{error} (give a --tokenizer file instead)") from None
+    for warning in warnings:
+        log_stderr(f"note: {warning}")
+    return tokenizer
+
+
 def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Engine
     """The engine the flags ask for: this computer alone, or the root of --workers."""
     check_threads(args.nthreads)
     if Path(args.model).is_dir():
-        raise UserError(f"--model {args.model} is a directory; give the .m file itself")
+        raise UserError(f"--model {args.model} is a directory; give the .m or .gguf file itself")
     if args.shares is not None and not args.workers:
         raise UserError("--shares splits the model between the nodes of a cluster: give --workers too")
     if args.net_timeout is not None and not 0.1 <= args.net_timeout <= 3600:
@@ -123,7 +151,8 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
     return cluster_engine(args.model, args.workers, secret=secret, log=log, threads=args.nthreads,
                           buffer_type=args.buffer_float_type, max_seq_len=args.max_seq_len,
                           kv_storage=args.kv_cache_storage, max_batch=args.nbatches,
-                          mmap_weights=args.mmap_weights, shares=shares, slots=getattr(args, "parallel", 1), **extra)
+                          mmap_weights=args.mmap_weights, shares=shares, slots=getattr(args, "parallel", 1),
+                          weight_type=args.weight_type, **extra)
 
 
 def check_vocab(engine, tokenizer) -> None:

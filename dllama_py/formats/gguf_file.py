@@ -524,6 +524,24 @@ class GGUFModel:
         self.close()
 
 
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, object]:
+    """The metadata of a GGUF file (its header only; GGUFError when malformed)."""
+    with open(path, "rb") as file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise GGUFError(f"{path}: the file is empty")
+        with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return parse_header(data, Path(path)).metadata
+
+
+def read_tokenizer(path: str | os.PathLike[str]):  # -> tuple[Tokenizer, list[str]]
+    """The tokenizer a GGUF file carries in its metadata, with the warnings about it."""
+    from dllama_py.formats.gguf_tokenizer import tokenizer_file_from_gguf
+    from dllama_py.text.tokenizer import Tokenizer
+
+    tokenizer_file, warnings = tokenizer_file_from_gguf(read_metadata(path), str(path))
+    return Tokenizer(tokenizer_file), warnings
+
+
 def is_gguf(path: str | os.PathLike[str]) -> bool:
     """Whether the file starts with GGUF's magic."""
     with open(path, "rb") as file:
