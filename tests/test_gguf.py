@@ -263,3 +263,28 @@ def test_cli_reports_a_bad_gguf_in_one_line(tmp_path, case, message):
                           "--prompt", "hi", "--steps", "4"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert run.stderr.strip().startswith("error:") and message in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("name,weight_type", [("stories260K-f16", None), ("llama-spm-q4_0", "q40")])
+def test_convert_gguf_writes_a_model_that_runs_as_the_gguf_does(testdata, tmp_path, name, weight_type):
+    """convert-gguf's .m and .t give the GGUF's own logits and tokens (the same types: the Q4_0
+    file's Q6_K classifier goes to q40 in both) and llama.cpp's prompt ids."""
+    from dllama_py.text.tokenizer import Tokenizer
+
+    out_m, out_t = tmp_path / "model.m", tmp_path / "model.t"
+    command = [sys.executable, "-m", "dllama_py.converter.convert_gguf", str(model_path(testdata, name)),
+               "--output", str(out_m), "--tokenizer-output", str(out_t)]
+    run = subprocess.run(command + (["--weight-type", weight_type] if weight_type else []), capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    case = reference(testdata, name)["cases"][1]
+    tokenizer = Tokenizer.load(out_t)
+    assert tokenizer.encode(case["prompt"], add_bos=tokenizer.add_bos) == case["prompt_ids"]
+    tokens = case["prompt_ids"] + case["generated_ids"][:8]
+    logits = []
+    for path, kw in ((model_path(testdata, name), {"weight_type": weight_type} if weight_type else {}), (out_m, {})):
+        engine = Engine(path, max_seq_len=64, progress=False, **kw)
+        engine.step(tokens, 0, ALL_ROWS)
+        logits.append(engine.logits().copy())
+        engine.close()
+    assert np.array_equal(logits[0], logits[1])

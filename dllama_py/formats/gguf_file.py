@@ -278,16 +278,27 @@ class GGUFTensor:
 
     @property
     def data(self) -> np.ndarray:
-        spec, ggml_type = self.spec, self.source.info.ggml_type
-        if DIRECT.get(ggml_type) == spec.float_type:
+        spec = self.spec
+        if DIRECT.get(self.source.info.ggml_type) == spec.float_type:
             return self.stored.view(spec.float_type.storage_dtype)
-        rows, cols = spec.shape
         out = np.empty(spec.storage_shape, dtype=spec.float_type.storage_dtype)
+        r = 0
+        for chunk in self.chunks(spec.float_type):
+            out[r:r + chunk.shape[0]] = chunk
+            r += chunk.shape[0]
+        return out
+
+    def chunks(self, float_type: FloatType) -> Iterator[np.ndarray]:
+        """The tensor's rows in `float_type` storage, a few MiB at a time (views of the file when
+        it holds them in that type)."""
+        ggml_type = self.source.info.ggml_type
+        rows, cols = self.spec.shape
         step = max(1, CHUNK_VALUES // cols)
         for r in range(0, rows, step):
-            values = dequantize_rows(self.stored[r:r + step], ggml_type, cols)
-            out[r:r + step] = encode_rows(values, spec.float_type)
-        return out
+            if DIRECT.get(ggml_type) == float_type:
+                yield self.stored[r:r + step].view(float_type.storage_dtype)
+            else:
+                yield encode_rows(dequantize_rows(self.stored[r:r + step], ggml_type, cols), float_type)
 
 
 class GGUFModel:
