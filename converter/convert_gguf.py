@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from dllama_py.converter.tokenizer_sources import SourceError
+
 from dllama_py.formats.gguf_file import DIRECT, GGUFModel
 from dllama_py.formats.gguf_tokenizer import tokenizer_file_from_gguf
 from dllama_py.formats.model_file import ModelFormatError, ModelWriter
