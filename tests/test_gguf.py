@@ -288,3 +288,150 @@ def test_convert_gguf_writes_a_model_that_runs_as_the_gguf_does(testdata, tmp_pa
         logits.append(engine.logits().copy())
         engine.close()
     assert np.array_equal(logits[0], logits[1])
+
+
+# ---- architectures the reference files do not cover: GGUFs written here with gguf-py ------------
+def write_pair(tmp_path: Path, config, gguf_arch: str, rope_freqs: np.ndarray | None = None) -> tuple[Path, Path]:
+    """The same random f32 weights as a .m (this project's writer) and as a GGUF (llama.cpp's
+    gguf-py writer, llama.cpp's tensor names and keys)."""
+    import gguf
+
+    from dllama_py.formats.model_file import write_model
+    from dllama_py.model.structure import tensor_specs
+
+    rng = np.random.default_rng(7)
+    weights = {}
+    for spec in tensor_specs(config):
+        scale = 1.0 if spec.shape[0] == 1 else 1 / np.sqrt(spec.shape[1])
+        weights[spec.name] = (rng.standard_normal(spec.shape) * scale + (1.0 if spec.shape[0] == 1 else 0)) \
+            .astype(np.float32)
+    m_path = tmp_path / "model.m"
+    write_model(m_path, config, weights.items())
+    g_path = tmp_path / "model.gguf"
+    w = gguf.GGUFWriter(str(g_path), gguf_arch)
+    w.add_block_count(config.n_layers)
+    w.add_context_length(config.max_seq_len)
+    w.add_embedding_length(config.dim)
+    w.add_feed_forward_length(config.hidden_dim)
+    w.add_head_count(config.n_heads)
+    w.add_head_count_kv(config.n_kv_heads)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_rope_freq_base(float(config.rope_theta))
+    w.add_layer_norm_rms_eps(config.norm_epsilon)
+    if config.is_moe:
+        w.add_expert_count(config.n_experts)
+        w.add_expert_used_count(config.n_active_experts)
+        w.add_expert_feed_forward_length(config.moe_hidden_dim)
+    w.add_tensor("token_embd.weight", weights["embedding"])
+    w.add_tensor("output_norm.weight", weights["final_norm"].reshape(-1))
+    w.add_tensor("output.weight", weights["classifier"])
+    if rope_freqs is not None:
+        w.add_tensor("rope_freqs.weight", rope_freqs.astype(np.float32))
+    names = {"wq": "attn_q", "wk": "attn_k", "wv": "attn_v", "wo": "attn_output", "attention_norm": "attn_norm",
+             "ffn_norm": "ffn_norm", "q_norm": "attn_q_norm", "k_norm": "attn_k_norm", "router": "ffn_gate_inp",
+             "w1": "ffn_gate", "w2": "ffn_down", "w3": "ffn_up"}
+    for layer in range(config.n_layers):
+        for part, name in names.items():
+            key = f"layers.{layer}.{part}"
+            if key in weights:
+                value = weights[key]
+                w.add_tensor(f"blk.{layer}.{name}.weight", value.reshape(-1) if value.shape[0] == 1 else value)
+        if config.is_moe:
+            for part in ("w1", "w2", "w3"):
+                stack = np.stack([weights[f"layers.{layer}.experts.{e}.{part}"] for e in range(config.n_experts)])
+                w.add_tensor(f"blk.{layer}.{names[part]}_exps.weight", stack)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return m_path, g_path
+
+
+def same_logits(m_path: Path, g_path: Path, nodes: int = 1, workers=None) -> None:
+    tokens = [1, 5, 9, 30, 2, 17, 44, 3]
+    out = []
+    for path in (m_path, g_path):
+        engine = Engine(path, max_seq_len=32, progress=False) if nodes == 1 else \
+            make_engine(path, workers, nodes, max_seq_len=32, buffer_type="f32")
+        engine.step(tokens, 0, ALL_ROWS)
+        out.append(engine.logits().copy())
+        engine.close()
+    assert np.array_equal(out[0], out[1])
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_qwen3moe_gguf_equals_the_same_weights_as_a_dot_m(tmp_path, workers, nodes):
+    from dllama_py.model.config import ArchType, ModelConfig
+
+    config = ModelConfig(arch=ArchType.QWEN3_MOE, dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                         vocab_size=64, max_seq_len=64, weight_float_type=FloatType.F32, n_experts=4,
+                         n_active_experts=2, moe_hidden_dim=32, rope_theta=1000000, head_dim=32, norm_epsilon=1e-6)
+    m_path, g_path = write_pair(tmp_path, config, "qwen3moe")
+    same_logits(m_path, g_path, nodes, workers)
+
+
+def llama3_divisors(head_dim: int, theta: float, factor: float, low: float, high: float, orig: int) -> np.ndarray:
+    """Llama 3.1's per-frequency divisors, as llama.cpp's converter stores them in rope_freqs."""
+    freqs = 1.0 / theta ** (np.arange(0, head_dim, 2) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    smooth = (orig / wavelen - low) / (high - low)
+    return np.where(wavelen < orig / high, 1.0,
+                    np.where(wavelen > orig / low, factor, 1 / ((1 - smooth) / factor + smooth)))
+
+
+def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
+    from dllama_py.model.config import ArchType, ModelConfig
+
+    config = ModelConfig(arch=ArchType.LLAMA, dim=256, hidden_dim=128, n_layers=1, n_heads=2, n_kv_heads=1,
+                         vocab_size=64, max_seq_len=64, weight_float_type=FloatType.F32, rope_theta=500000,
+                         rope_scaling_factor=32, rope_scaling_low_freq_factor=1, rope_scaling_high_freq_factor=4,
+                         rope_scaling_orig_max_seq_len=8192)
+    m_path, g_path = write_pair(tmp_path, config, "llama",
+                                llama3_divisors(128, 500000.0, 32.0, 1.0, 4.0, 8192))
+    with GGUFModel(g_path) as model:
+        assert model.config.has_rope_scaling and model.config.rope_scaling_factor == 32
+    same_logits(m_path, g_path)
+    other = tmp_path / "other"
+    other.mkdir()
+    _, bad = write_pair(other, config, "llama", llama3_divisors(128, 500000.0, 32.0, 2.0, 4.0, 8192))
+    with pytest.raises(GGUFError, match="does not follow Llama 3's rope scaling"):
+        GGUFModel(bad)
+
+
+@pytest.mark.parametrize("nodes", [1, 2, 3])
+def test_stories260k_gguf_gives_llama2c_text_on_any_node_count(testdata, workers, reference, nodes):
+    """llama.cpp's F32 stories260K GGUF, its tokenizer from the metadata: llama2.c's greedy text."""
+    from dllama_py.formats.gguf_file import read_tokenizer
+    from dllama_py.generation.generator import Generator
+
+    path = model_path(testdata, "stories260K")
+    tokenizer, _ = read_tokenizer(path)
+    engine = make_engine(path, workers, nodes) if nodes > 1 else Engine(path, progress=False)
+    try:
+        generator = Generator(engine, tokenizer)
+        for case in reference:
+            generator.reset()
+            ids = tokenizer.encode(case["prompt"], add_bos=tokenizer.add_bos)
+            assert ids == case["prompt_ids_with_bos"]
+            result = generator.generate(ids, case["num_generated"], Sampler(0.0), stop_ids=[1])
+            assert result.generated_ids == case["generated_ids"], case["prompt"]
+    finally:
+        engine.close()
+
+
+def test_perplexity_of_the_gguf_equals_the_dot_m(testdata, stories):
+    """The same weights (F32 GGUF and converted .m): the same perplexity, so dllama perplexity
+    measures GGUF files as it does .m ones (tests/test_perplexity.py checks it against transformers)."""
+    from dllama_py.formats.gguf_file import read_tokenizer
+    from dllama_py.generation import perplexity as ppl
+
+    text = (Path(__file__).parent / "data" / "perplexity_story.txt").read_text()
+    tokenizer, _ = read_tokenizer(model_path(testdata, "stories260K"))
+    ids = ppl.tokenize_text(tokenizer, text)
+    results = []
+    for path in (model_path(testdata, "stories260K"), stories[0]):
+        engine = Engine(path, max_seq_len=64, progress=False)
+        results.append(ppl.perplexity(engine, ids, 64, tokenizer.bos_id).perplexity)
+        engine.close()
+    assert results[0] == pytest.approx(results[1], rel=1e-6) and results[0] < 10
