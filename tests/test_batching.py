@@ -164,3 +164,36 @@ def test_the_batcher_gives_what_the_generator_gives(stories):
     assert [done[i].finish_reason for i in range(len(texts))] == [r.finish_reason for r in alone]
     assert [done[i].generated_ids for i in range(len(texts))] == [r.generated_ids for r in alone]
     assert {r.finish_reason for r in alone} == {"stop", "length"}
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_sequences_with_one_prompt_evaluate_it_once(stories, workers, nodes):
+    """Four seeded samples of one long prompt (the n choices of a request): the first evaluates
+    the prompt, the others copy its slot's keys and values on every node (COPY), evaluate only the
+    last prompt token, and give what each gives alone."""
+    from dllama_py.generation.batch import Batcher, Request
+    from dllama_py.generation.generator import Generator
+
+    tokenizer = Tokenizer.load(stories[1])
+    prompt = tokenizer.encode("Once upon a time, there was a little girl named Lily. She loved to play outside")
+    samplers = [lambda i=i: Sampler(1.0, 0.95, 40 + i) for i in range(4)]
+    with Engine(stories[0], threads=1, log=lambda _: None, buffer_type="f32") as engine:
+        alone = [Generator(engine, tokenizer).generate(prompt, 20, s(), stop_ids=[2]) for s in samplers]
+    engine = make_engine(stories[0], workers, nodes, slots=4, buffer_type="f32")
+    rows = []
+    step_batch = engine.step_batch
+    engine.step_batch = lambda sequences: rows.append(sum(len(t) for _, _, t, _ in sequences)) or step_batch(sequences)
+    try:
+        done: dict[int, object] = {}
+        batcher = Batcher(engine, tokenizer, nbatches=8)
+        for i, s in enumerate(samplers):
+            batcher.start(Request(prompt, 20, s(), stop_ids=[2], on_done=lambda r, i=i: done.__setitem__(i, r)))
+        while batcher.active:
+            batcher.step()
+    finally:
+        engine.close()
+    assert [done[i].generated_ids for i in range(4)] == [r.generated_ids for r in alone]
+    assert len({tuple(r.generated_ids) for r in alone}) > 1  # the samples differ: each has its own slot
+    assert [done[i].prompt_tokens_evaluated for i in range(4)] == [len(prompt), 1, 1, 1]
+    assert sum(rows) == len(prompt) + 3 + sum(len(done[i].generated_ids) for i in range(4)) - \
+        sum(1 for i in range(4) if len(done[i].generated_ids) == 20)

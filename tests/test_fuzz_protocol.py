@@ -421,7 +421,13 @@ def as_steps(ctx: Ctx, rng: random.Random, count: int) -> int:
             last = i == count - 1
             if not last and rng.random() < 0.85:
                 payload = head(p.MsgType.STEP) + step_body(ctx, rng, valid=True)
-                data = frame(payload) if rng.random() < 0.9 else frame(p.SendLogits().encode())
+                chance = rng.random()
+                if chance < 0.1:  # a slot copy, valid or out of range
+                    copy = p.CopySlot(rng.choice([0, 1, 2, SLOTS, 65535]), rng.choice([0, 1, SLOTS - 1, SLOTS]),
+                                      rng.choice([0, 1, 64, 65, 2**32 - 1]))
+                    data = frame(copy.encode() if rng.random() < 0.8 else mutate(rng, copy.encode()))
+                else:
+                    data = frame(payload) if chance < 0.9 else frame(p.SendLogits().encode())
             elif rng.random() < 0.5:
                 data = mutate(rng, head(p.MsgType.STEP) + step_body(ctx, rng, valid=rng.random() < 0.3))
             else:

@@ -55,7 +55,7 @@ import numpy as np
 from dllama_py.engine.exchange import LogitsMode, Readout, Segment  # Step carries them
 
 MAGIC = b"DLPY"
-# 4: SETUP has per-matrix types (GGUF); 3: SETUP has KV slots, a STEP carries segments (sequences);
+# 4: SETUP has per-matrix types (GGUF), COPY; 3: SETUP has KV slots, a STEP carries segments (sequences);
 # 2: SETUP names the model, READY says whether the worker has its slices, LOADED
 VERSION = 4
 HEADER = struct.Struct("<4sHB")  # magic, version, type
@@ -92,6 +92,7 @@ class MsgType(IntEnum):
     LOGITS = 10  # send the whole logits slice of the last step
     LOADED = 11  # the worker's weights are in place (received or read from its cache)
     LOADING = 12  # heartbeat, every second while a worker reads or prepares its weights
+    COPY = 13  # copy the first positions of one KV slot to another (sequences sharing a prompt)
 
 
 class WelcomeStatus(IntEnum):
@@ -406,6 +407,28 @@ class Ready(Message):
         return cls(bool(flags & READY_HAS_WEIGHTS))
 
 
+COPY = struct.Struct("<HHI")  # source slot, destination slot, positions
+
+
+@dataclass(frozen=True)
+class CopySlot(Message):
+    """Copy the keys and values of positions 0..length-1 of KV slot `source` to slot `target`:
+    sequences with one prompt evaluate it once. The worker checks the slots and length."""
+
+    kind = MsgType.COPY
+    source: int
+    target: int
+    length: int
+
+    def _body(self) -> bytes:
+        return COPY.pack(self.source, self.target, self.length)
+
+    @classmethod
+    def decode(cls, body: Body) -> CopySlot:
+        _need_size(cls.kind, body, COPY.size)
+        return cls(*COPY.unpack_from(body))
+
+
 @dataclass(frozen=True)
 class Error(Message):
     """The worker refused the setup, and why (utf-8, cut to MAX_ERROR_BYTES when encoded)."""
@@ -549,7 +572,8 @@ class Loading(_Empty):
 
 
 MESSAGES: dict[MsgType, type[Message]] = {cls.kind: cls for cls in (
-    HelloWorker, HelloRoot, Welcome, Setup, MeshHello, Ready, Error, Step, End, SendLogits, Loaded, Loading)}
+    HelloWorker, HelloRoot, Welcome, Setup, MeshHello, Ready, Error, Step, End, SendLogits, Loaded, Loading,
+    CopySlot)}
 assert set(MESSAGES) == set(MsgType)
 
 M = TypeVar("M", bound=Message)

@@ -94,6 +94,9 @@ class ClusterTransport:
         where = f"position {segments[0].position}" if len(segments) == 1 else f"{len(segments)} sequences"
         self.mesh.broadcast_message(p.Step(limited, x).encode(), f"sending step at {where}")
 
+    def send_copy(self, source: int, target: int, length: int) -> None:
+        self.mesh.broadcast_message(p.CopySlot(source, target, length).encode(), "sending a slot copy")
+
     def send_logits_request(self) -> None:
         self.mesh.broadcast_message(p.SendLogits().encode(), "asking for logits")
 

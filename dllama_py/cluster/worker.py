@@ -447,9 +447,16 @@ def follow_root(mesh: _core.Mesh, plan: Plan, me: int, forward: NodeForward, set
         while not mesh.wait_readable(0, 5000):
             pass  # an idle root is not a dead one; a dead one makes the socket readable (EOF)
         message = p.read(mesh.recv_message(0, max_step, "waiting for the next step"), p.Step, p.SendLogits, p.End,
-                         dim=dim)
+                         p.CopySlot, dim=dim)
         if isinstance(message, p.End):
             return
+        if isinstance(message, p.CopySlot):
+            if max(message.source, message.target) >= setup.slots or message.source == message.target \
+                    or message.length > setup.seq_len:
+                raise p.ProtocolError(f"malformed copy: slot {message.source} to {message.target}, {message.length} "
+                                      f"positions, in a session of {setup.slots} slots of {setup.seq_len}")
+            forward.cache.copy(message.source, message.target, message.length)
+            continue
         if isinstance(message, p.SendLogits):  # the root wants the whole slices of the last step after all
             reply(mesh, exchange, [full_instead(seg) for seg in segments], last, forward.sync.seconds)
             continue

@@ -261,6 +261,16 @@ class Engine:
         so the nodes send only that."""
         return self.step_batch([(slot, start_pos, tokens, readout)])
 
+    def copy_slot(self, source: int, target: int, length: int) -> None:
+        """KV slot `target` gets positions 0..length-1 of slot `source` on every node: a sequence
+        that starts with another's prompt continues from there instead of evaluating it again."""
+        if not (0 <= source < self.slots and 0 <= target < self.slots) or source == target:
+            raise EngineError(f"cannot copy KV slot {source} to {target} (this engine has {self.slots})")
+        if not 0 <= length <= self.seq_len:
+            raise EngineError(f"cannot copy {length} positions of a {self.seq_len}-position context")
+        self.transport.send_copy(source, target, length)
+        self.forward.cache.copy(source, target, length)
+
     def step_batch(self, sequences: list[tuple[int, int, list[int], Readout]]) -> StepStats:
         """One step over the rows of several sequences, each (KV slot, first position, tokens,
         readout): the weights are read once for all of them (continuous batching). Each

@@ -74,6 +74,10 @@ class Transport(Protocol):
         """Start a step on every worker: rows x (B, dim), the rows of `segments` in order."""
         ...
 
+    def send_copy(self, source: int, target: int, length: int) -> None:
+        """Tell every other node to copy a KV slot's first positions to another slot."""
+        ...
+
     def send_logits_request(self) -> None:
         """Ask every worker for the whole logits slice of the last step."""
         ...
@@ -137,6 +141,9 @@ class Loopback:
         pass
 
     def send_step(self, segments: list[Segment], x: np.ndarray) -> None:
+        pass
+
+    def send_copy(self, source: int, target: int, length: int) -> None:
         pass
 
     def send_logits_request(self) -> None:

@@ -9,7 +9,9 @@ freeing its slot at once.
 
 Prefix cache: a slot keeps the tokens whose keys and values it holds after its sequence ends. A
 new sequence goes to the free slot whose tokens share the longest prefix with its prompt (the
-next turn of a chat, a shared system prompt) and evaluates only the rest.
+next turn of a chat, a shared system prompt) and evaluates only the rest. A sequence that starts
+while another is evaluating the same prompt (the n choices of one request) waits for it and then
+copies that slot's keys and values (`Engine.copy_slot`): a prompt is evaluated once for all.
 
 What a sequence does with its tokens follows the same rules as `Generator.generate` (stop
 tokens, stop strings, max_tokens, a full context, a finished grammar, log-probabilities), which
@@ -66,6 +68,8 @@ class Running:
     stop_text: StopText
     scores: list[TokenLogprobs | None] = field(default_factory=list)
     next_token: int | None = None  # the sampled token to evaluate next (decoding)
+    leader: Running | None = None  # a sequence evaluating this one's prompt: wait, then copy its slot
+    shared: int = 0  # how many of the leader's positions to copy
     started: float = field(default_factory=time.perf_counter)
     first_token_s: float | None = None
 
@@ -114,6 +118,13 @@ class Batcher:
             slot = max(free, key=lambda s: (common_prefix(self.cached[s], ids), -len(self.cached[s])))
             keep = min(common_prefix(self.cached[slot], ids), len(ids) - 1)
         del self.cached[slot][keep:]
+        leader, shared = None, 0
+        if request.score_prompt is None:  # a sequence evaluating the same prompt now (the n choices of a request)
+            for other in self.running.values():
+                same = min(common_prefix(other.request.prompt_ids, ids), len(ids) - 1)
+                if other.leader is None and other.pending and other.request.score_prompt is None and same > max(
+                        keep, shared):
+                    leader, shared = other, same
         sampler = request.sampler
         sampler.start(ids)
         result = GenerationResult(list(ids))
@@ -122,8 +133,27 @@ class Batcher:
                       self.engine.readout_for(sampler, self.sample_vocab),
                       self.tokenizer.stream_decoder(), StopText(request.stop_strings),
                       scores=[None] if request.score_prompt is not None else [])
+        run.leader, run.shared = leader, shared
         self.running[slot] = run
         return run
+
+    def _follow(self) -> None:
+        """Sequences waiting for a leader's prompt: copy its slot's keys and values once it holds
+        the shared positions; evaluate their own prompt if the leader went before that."""
+        for run in self.running.values():
+            leader = run.leader
+            if leader is None:
+                continue
+            ids, n = run.request.prompt_ids, run.shared
+            held = self.cached[leader.slot]
+            if len(held) >= n and held[:n] == ids[:n]:
+                self.engine.copy_slot(leader.slot, run.slot, n)
+                self.cached[run.slot] = list(ids[:n])
+                run.position, run.pending = n, list(ids[n:])
+                run.result.prompt_tokens_evaluated = len(ids) - n
+                run.leader = None
+            elif self.running.get(leader.slot) is not leader:  # it ended or failed first
+                run.leader = None
 
     def step(self) -> StepStats | None:
         """One engine step for every running sequence; ends the ones that are done. None when
@@ -131,6 +161,7 @@ class Batcher:
         self._drop_stopped()
         if not self.running:
             return None
+        self._follow()
         budget = self.engine.max_batch
         plan: list[tuple[Running, list[int], Readout, bool]] = []
         for run in self.running.values():  # decoding sequences first: one row each
@@ -138,7 +169,7 @@ class Batcher:
                 plan.append((run, [run.next_token], run.readout, False))
                 budget -= 1
         for run in self.running.values():  # then prompt chunks, oldest first, while rows are left
-            if run.pending and budget > 0:
+            if run.pending and budget > 0 and run.leader is None:
                 chunk = run.pending[:min(self.chunk, budget)]
                 if run.request.score_prompt is not None:
                     readout = ALL_ROWS

@@ -91,6 +91,11 @@ class KVCache:
         self.keys[layer, slot, :, :, pos0:pos0 + B] = k.reshape(B, self.n_kv_heads, self.head_dim).transpose(1, 2, 0)
         self.values[layer, slot, pos0:pos0 + B] = v
 
+    def copy(self, source: int, target: int, length: int) -> None:
+        """Slot `target` gets the keys and values of positions 0..length-1 of slot `source`."""
+        self.keys[:, target, :, :, :length] = self.keys[:, source, :, :, :length]
+        self.values[:, target, :length] = self.values[:, source, :length]
+
     def close(self) -> None:
         """Release the cache (for disk storage: the mapping, whose file is already unlinked)."""
         self.keys = self.values = np.zeros((0, 0, 0), dtype=np.float32)
