@@ -139,3 +139,17 @@ def test_the_next_turn_of_a_chat_reuses_its_slot(server):
         second = list(pool.map(turn, conversations))
     for x in second:
         assert x["prompt_tokens_cached"] > 10, x  # the first turn's prompt and answer stayed in its slot
+
+
+def test_n_choices_evaluate_their_prompt_once(server):
+    """n=3 samples of one new prompt: the prompt is evaluated once (the other two choices copy its
+    slot and evaluate only its last token), and the choices still differ (each samples alone)."""
+    client = server.client()
+    prompt = "Zed the zebra zipped zippers on a zigzag zone while the wind was"  # in no slot yet
+    answer = client.completions.create(model="stories260K", prompt=prompt, n=3, max_tokens=24, temperature=1.0,
+                                       seed=5)
+    x = answer.model_extra["x_dllama"]
+    tokens = answer.usage.prompt_tokens
+    # at most the prompt once and a token for each other choice (a slot may already hold its BOS)
+    assert x["prompt_tokens_evaluated"] <= tokens + 2 and x["prompt_tokens_cached"] >= 2 * tokens - 2, x
+    assert len({choice.text for choice in answer.choices}) > 1

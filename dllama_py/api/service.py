@@ -61,7 +61,7 @@ class Outcome:
     finish_reasons: list[str]
     prompt_tokens: int
     completion_tokens: int  # of every choice together
-    prompt_tokens_evaluated: int  # prompt tokens not already in the KV cache
+    prompt_tokens_evaluated: int  # prompt tokens not already in the KV cache, of every choice together
     queue_ms: float
     prompt_ms: float
     generation_ms: float
@@ -75,7 +75,7 @@ class Outcome:
         seconds = self.generation_ms / 1e3
         return {
             "prompt_tokens_evaluated": self.prompt_tokens_evaluated,
-            "prompt_tokens_cached": self.prompt_tokens - self.prompt_tokens_evaluated,
+            "prompt_tokens_cached": self.prompt_tokens * len(self.finish_reasons) - self.prompt_tokens_evaluated,
             "queue_ms": round(self.queue_ms, 3),
             "prompt_ms": round(self.prompt_ms, 3),
             "generation_ms": round(self.generation_ms, 3),
@@ -469,7 +469,7 @@ class GenerationService:
             [r.finish_reason for r in results],
             len(job.prompt_ids),
             sum(len(r.generated_ids) for r in results),
-            results[0].prompt_tokens_evaluated,
+            sum(r.prompt_tokens_evaluated for r in results),  # n choices share the prompt's evaluation
             (started - job.submitted) * 1e3,
             prompt_ms,
             (now - started) * 1e3 - prompt_ms,
