@@ -197,3 +197,24 @@ def test_sequences_with_one_prompt_evaluate_it_once(stories, workers, nodes):
     assert [done[i].prompt_tokens_evaluated for i in range(4)] == [len(prompt), 1, 1, 1]
     assert sum(rows) == len(prompt) + 3 + sum(len(done[i].generated_ids) for i in range(4)) - \
         sum(1 for i in range(4) if len(done[i].generated_ids) == 20)
+
+
+def test_automatic_slot_count_follows_the_ram_left_after_the_weights(stories):
+    """slots="auto" (dllama-api without --parallel): as many KV slots as half of the RAM left after
+    the weights holds on every node, from 4 to 8; the least roomy node decides."""
+    from dllama_py.engine.engine import auto_slots
+    from dllama_py.formats.model_file import read_model
+    from dllama_py.model.plan import Plan
+
+    with read_model(stories[0]) as model:
+        config = model.config
+    plan = Plan.make(config, 2)
+    weights = plan.node_weight_bytes(1)
+    per_slot = plan.node_kv_cache_bytes(1, 256)
+    assert auto_slots(config, plan, 256, [None, weights + 2 * 6 * per_slot])[0] == 6
+    assert auto_slots(config, plan, 256, [None, weights + 2 * 100 * per_slot])[0] == 8
+    assert auto_slots(config, plan, 256, [None, weights + per_slot])[0] == 4
+    assert auto_slots(config, plan, 256, [1 << 40, weights + 2 * 5 * per_slot])[0] == 5
+    assert auto_slots(config, plan, None, [None, None])[0] == 4
+    with Engine(stories[0], threads=1, slots="auto", log=lambda _: None) as engine:
+        assert 4 <= engine.slots <= 8

@@ -80,10 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--parallel",
         type=int,
-        default=4,
+        default=None,
         metavar="N",
         help="requests (choices) that generate at the same time, each in its own KV-cache slot; every step "
-        "evaluates one token of each in one pass over the weights (default 4; the start-up plan shows the "
+        "evaluates one token of each in one pass over the weights (default: as many as half of the RAM left "
+        "after the weights holds at the context asked for, from 4 to 8, printed at start; the plan shows the "
         "memory per slot, and the context is shortened if N slots would not fit in half the free RAM)",
     )
     parser.add_argument(
@@ -122,7 +123,7 @@ def check_server_flags(args: argparse.Namespace) -> None:
     check_sampling(args)
     if args.max_queued < 0:
         raise UserError(f"--max-queued must not be negative, got {args.max_queued}")
-    if not 1 <= args.parallel <= MAX_SLOTS:
+    if args.parallel is not None and not 1 <= args.parallel <= MAX_SLOTS:
         raise UserError(f"--parallel must lie in 1..{MAX_SLOTS}, got {args.parallel}")
     if not args.reconnect_interval >= MIN_RECONNECT_INTERVAL_S:  # 0 would retry in a busy loop; NaN too
         raise UserError(

@@ -151,7 +151,7 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
     return cluster_engine(args.model, args.workers, secret=secret, log=log, threads=args.nthreads,
                           buffer_type=args.buffer_float_type, max_seq_len=args.max_seq_len,
                           kv_storage=args.kv_cache_storage, max_batch=args.nbatches,
-                          mmap_weights=args.mmap_weights, shares=shares, slots=getattr(args, "parallel", 1),
+                          mmap_weights=args.mmap_weights, shares=shares, slots=getattr(args, "parallel", 1) or "auto",
                           weight_type=args.weight_type, **extra)
 
 

@@ -129,6 +129,29 @@ def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node:
     return seq_len, None
 
 
+AUTO_SLOTS = (4, 8)  # slots="auto": at least 4 (the context shortens to fit them), at most 8
+
+
+def auto_slots(config: ModelConfig, plan: Plan, requested: int | None,
+               memories: list[int | None]) -> tuple[int, str]:
+    """How many sequences to serve at once when the user did not say: as many as half of the RAM
+    left after the weights holds on every node (memories: each node's available bytes, None
+    unknown) at the context asked for, within AUTO_SLOTS. Returns (slots, why)."""
+    seq_len = min(requested or config.max_seq_len, config.max_seq_len)
+    fits = []
+    for node, memory in enumerate(memories):
+        if memory is None:
+            continue
+        left = memory - plan.node_weight_bytes(node) + (plan.embedding_bytes() if node == 0 else 0)
+        fits.append(max(0, left // 2) // max(1, plan.node_kv_cache_bytes(node, seq_len)))
+    fit = min(fits) if fits else AUTO_SLOTS[0]
+    slots = int(min(AUTO_SLOTS[1], max(AUTO_SLOTS[0], fit)))
+    per_slot = plan.node_kv_cache_bytes(0, seq_len) / 2**20
+    return slots, (f"{slots} sequences at once: half of the RAM left after the weights holds {fit} KV slots of "
+                   f"{seq_len} positions ({per_slot:.1f} MiB each on the root); between {AUTO_SLOTS[0]} and "
+                   f"{AUTO_SLOTS[1]} are used (--parallel sets it)")
+
+
 def default_buffer_type(config: ModelConfig) -> str:
     """A cluster's buffer type: q80 for quantized weights (as distributed-llama requires), f32 otherwise."""
     return "q80" if config.weight_float_type in (FloatType.Q40, FloatType.Q80) else "f32"
@@ -162,7 +185,7 @@ class Engine:
                  threads: int | None = None, buffer_type: str | None = None, max_seq_len: int | None = None,
                  kv_storage: str = "ram", max_batch: int = 32, mmap_weights: bool = False,
                  shares: list[float] | str | None = None, log: Callable[[str], None] | None = None,
-                 progress: bool = True, slots: int = 1, weight_type: str | None = None) -> None:
+                 progress: bool = True, slots: int | str = 1, weight_type: str | None = None) -> None:
         self.transport = transport if transport is not None else Loopback()
         self.log = log or (lambda message: None)
         self.model = open_model(model_path, weight_type, self.log)
@@ -179,15 +202,18 @@ class Engine:
         except PlanError as error:
             raise EngineError(str(error)) from None
         self.max_batch = max_batch
-        if not 1 <= slots <= MAX_SLOTS:
+        if slots != "auto" and not 1 <= slots <= MAX_SLOTS:
             raise EngineError(f"the number of KV-cache slots must lie in 1..{MAX_SLOTS}, got {slots}")
-        self.slots = slots
         self.forward: NodeForward | None = None
         try:
             reports = self.transport.connect()
             if auto:
                 shares = self._auto_shares(plan, reports, max_seq_len)
                 plan = Plan.make(c, n_nodes, shares)
+            if slots == "auto":
+                slots, why = auto_slots(c, plan, max_seq_len, [known_available_memory()] + [r.memory for r in reports])
+                self.log(why)
+            self.slots = slots
             self.plan = plan
             self.seq_len, note = choose_seq_len(c, plan, max_seq_len, slots=slots)
             self.log(plan.describe(self.seq_len, self.transport.names, slots))
