@@ -77,8 +77,15 @@ Q40_LOGIT_BOUND = 0.18
 
 
 @pytest.mark.parametrize("model_name", ["llama-tiny", "qwen3-tiny", "qwen3moe-tiny"])
-@pytest.mark.parametrize("nodes", [2, 4])
-def test_compat_q40_logits_match_distributed_llama_on_n_nodes(testdata, workers, model_name, nodes):
+@pytest.mark.parametrize("nodes,sync", [(2, "allgather"), (4, "allgather"), (4, "reducescatter")])
+def test_compat_q40_logits_match_distributed_llama_on_n_nodes(testdata, workers, model_name, nodes, sync,
+                                                               monkeypatch):
+    """distributed-llama's own q40 logits (q80 buffers). Its sync is an all-gather; 4 nodes also
+    run this project's default there, reduce-scatter then all-gather, which rounds each sum to
+    q80 a second time (measured: medians 0.05-0.11 instead of 0.04-0.09, one MoE router
+    near-tie 0.31): its bounds are 0.13 for the median and 0.35 for a MoE outlier."""
+    monkeypatch.setenv("DLLAMA_SYNC", sync)  # the root decides; SETUP tells the workers
+    median_bound, moe_outlier = (0.1, 0.3) if sync == "allgather" else (0.13, 0.35)
     manifest = json.loads((testdata / "compat" / "manifest.json").read_text())
     cases = [c for c in manifest["cases"] if c["model"] == model_name and c["weights"] == "q40"
              and c["nodes"] == nodes and c["dllama_exit_code"] == 0]
@@ -103,10 +110,10 @@ def test_compat_q40_logits_match_distributed_llama_on_n_nodes(testdata, workers,
             if model_name == "qwen3moe-tiny":
                 # A router near-tie can pick another expert for one token in one layer after a
                 # different rounding (measured once: 0.257 at one step of 'The cat sat' on 2 nodes).
-                assert len(outliers) <= 1 and max(diffs) <= 0.3, (case["prompt"], diffs)
+                assert len(outliers) <= 1 and max(diffs) <= moe_outlier, (case["prompt"], diffs)
             else:
                 assert not outliers, (case["prompt"], diffs)
-            assert float(np.median(diffs)) <= 0.1, (case["prompt"], diffs)
+            assert float(np.median(diffs)) <= median_bound, (case["prompt"], diffs)
     finally:
         engine.close()
 

@@ -86,7 +86,7 @@ def valid_setup(ctx: Ctx, rng: random.Random, **changes) -> dict:
     data = dict(session=rng.randbytes(16).hex(), node_index=1, addresses=["root", ctx.address],
                 header=[list(item) for item in ctx.header], buffer_type="f32", seq_len=64, max_batch=4,
                 kv_storage="ram", timeout_ms=120_000, model_id="", shares=None, slots=SLOTS,
-                tensor_types={})
+                tensor_types={}, sync=rng.choice(["allgather", "reducescatter"]))
     data.update(changes)
     return data
 
@@ -113,6 +113,7 @@ def setup_json(ctx: Ctx, rng: random.Random) -> bytes:
                                        ["root", "127.0.0.1:99999"], ["root", "[::1]"], ["root", ctx.closed]])),
             dict(session=rng.choice(["", "zz" * 16, "ab" * 15, "ab" * 17])),
             dict(model_id=rng.choice(["x" * 200, "../../etc", "\u0000"])),
+            dict(sync=rng.choice(["", "ring", "ALLGATHER"])),
             dict(tensor_types=rng.choice([{"layers.0.wq": "q4"}, {"nope": "f16"}, {"layers.0.wq": "q40"},
                                           {"embedding": "f16"}, {"layers.0.attention_norm": "f16"}])),
         ]))

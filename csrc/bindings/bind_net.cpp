@@ -125,6 +125,25 @@ void bind_net(py::module_& m) {
             py::arg("buf").noconvert(), py::arg("offsets"), py::arg("sizes"), py::arg("label") = "",
             "all_gather with slice i at buf bytes [offsets[i], offsets[i] + sizes[i])")
         .def(
+            "all_to_all",
+            [](Mesh& mesh, py::array& send, const std::vector<int64_t>& send_offsets,
+               const std::vector<int64_t>& send_sizes, py::array& recv, const std::vector<int64_t>& recv_offsets,
+               const std::vector<int64_t>& recv_sizes, const std::string& label) {
+                const uint8_t* sp = array_bytes(send, "send");
+                uint8_t* rp = array_bytes(recv, "recv");
+                const std::vector<size_t> so = sizes_from(send_offsets, "send_offsets"),
+                                          ss = sizes_from(send_sizes, "send_sizes"),
+                                          ro = sizes_from(recv_offsets, "recv_offsets"),
+                                          rs = sizes_from(recv_sizes, "recv_sizes");
+                py::gil_scoped_release nogil;
+                mesh.all_to_all(sp, static_cast<size_t>(send.nbytes()), so, ss, rp, static_cast<size_t>(recv.nbytes()),
+                                ro, rs, label);
+            },
+            py::arg("send").noconvert(), py::arg("send_offsets"), py::arg("send_sizes"), py::arg("recv").noconvert(),
+            py::arg("recv_offsets"), py::arg("recv_sizes"), py::arg("label") = "",
+            "send bytes [send_offsets[p], +send_sizes[p]) to every peer p and receive peer p's into recv at "
+            "[recv_offsets[p], +recv_sizes[p])")
+        .def(
             "broadcast",
             [](Mesh& mesh, int root, py::array& buf, const std::string& label) {
                 uint8_t* p = array_bytes(buf, "buf");

@@ -416,6 +416,29 @@ void Mesh::all_gather_locked(uint8_t* buf, size_t buf_bytes, const std::vector<s
     run(transfers, "all_gather", label);
 }
 
+void Mesh::all_to_all(const uint8_t* send, size_t send_bytes, const std::vector<size_t>& send_offsets,
+                      const std::vector<size_t>& send_sizes, uint8_t* recv, size_t recv_bytes,
+                      const std::vector<size_t>& recv_offsets, const std::vector<size_t>& recv_sizes,
+                      const std::string& label) {
+    std::lock_guard<std::mutex> lock(op_mutex_);
+    check_layout(send_bytes, send_offsets, send_sizes);
+    check_layout(recv_bytes, recv_offsets, recv_sizes);
+    check_usable("all_to_all", label);
+    std::vector<Transfer>& transfers = transfers_;
+    transfers.clear();
+    for (int p = 0; p < n_nodes_; p++) {
+        if (p == node_index_) continue;
+        Transfer t;
+        t.peer = p;
+        t.send_data[0] = send + send_offsets[p];
+        t.send_len[0] = send_sizes[p];
+        t.recv_data = recv + recv_offsets[p];
+        t.recv_len = recv_sizes[p];
+        transfers.push_back(t);
+    }
+    run(transfers, "all_to_all", label);
+}
+
 void Mesh::broadcast(int root, uint8_t* buf, size_t n, const std::string& label) {
     std::lock_guard<std::mutex> lock(op_mutex_);
     if (root < 0 || root >= n_nodes_)

@@ -71,6 +71,13 @@ public:
     // The same with slice i at buf[offsets[i], offsets[i] + sizes[i]) of a buf_bytes buffer.
     void all_gather_v(uint8_t* buf, size_t buf_bytes, const std::vector<size_t>& offsets,
                       const std::vector<size_t>& sizes, const std::string& label);
+    // Every node sends send[send_offsets[p], +send_sizes[p]) to each peer p and receives peer p's
+    // part for it into recv[recv_offsets[p], +recv_sizes[p]) (entries for this node are unused):
+    // the two halves of a reduce-scatter and an all-gather built from it.
+    void all_to_all(const uint8_t* send, size_t send_bytes, const std::vector<size_t>& send_offsets,
+                    const std::vector<size_t>& send_sizes, uint8_t* recv, size_t recv_bytes,
+                    const std::vector<size_t>& recv_offsets, const std::vector<size_t>& recv_sizes,
+                    const std::string& label);
     // root sends buf[0, n) to every peer; every other node receives it from root into buf.
     void broadcast(int root, uint8_t* buf, size_t n, const std::string& label);
     // Every node but root sends its slice to root; root receives every peer's slice into place.

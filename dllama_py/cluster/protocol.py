@@ -55,7 +55,8 @@ import numpy as np
 from dllama_py.engine.exchange import LogitsMode, Readout, Segment  # Step carries them
 
 MAGIC = b"DLPY"
-# 4: SETUP has per-matrix types (GGUF), COPY; 3: SETUP has KV slots, a STEP carries segments (sequences);
+# 4: SETUP has per-matrix types (GGUF) and the sync algorithm, COPY;
+# 3: SETUP has KV slots, a STEP carries segments (sequences);
 # 2: SETUP names the model, READY says whether the worker has its slices, LOADED
 VERSION = 4
 HEADER = struct.Struct("<4sHB")  # magic, version, type
@@ -318,6 +319,7 @@ _SETUP_TYPES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "tensor_types": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(t, str)
                                                            for k, t in v.items()),
                      "an object of strings"),
+    "sync": (lambda v: v in ("allgather", "reducescatter"), "'allgather' or 'reducescatter'"),
 }
 
 
@@ -340,6 +342,7 @@ class Setup(Message):
     shares: list[float] | None = None  # every node's relative share of the work (plan.py); None: equal
     slots: int = 1  # KV-cache slots (sequences at once)
     tensor_types: dict[str, str] = field(default_factory=dict)  # ModelConfig.tensor_types: name -> label
+    sync: str = "allgather"  # how the nodes add their partials (cluster/mesh.py)
 
     def _body(self) -> bytes:
         return json.dumps(self.__dict__).encode("utf-8")

@@ -19,7 +19,7 @@ import numpy as np
 
 from dllama_py import _core
 from dllama_py.cluster import protocol as p
-from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh
+from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh, sync_algorithm
 from dllama_py.cluster.slice_cache import model_fingerprint
 from dllama_py.engine.engine import Engine, EngineError, default_buffer_type
 from dllama_py.engine.exchange import Segment
@@ -74,12 +74,13 @@ class ClusterTransport:
 
     def start(self, session: Session, plan: Plan, model: ModelFile, progress: bool) -> None:
         self.plan, self.model = plan, model
+        self.algorithm = sync_algorithm(plan.n_nodes)  # the root chooses; SETUP tells the workers
         self.mesh = self._setup(self.socks, self.addresses, session, model_fingerprint(model))
         self.socks = []  # the mesh owns them now
         self._ship_weights(progress)
 
     def sync(self, buffer_type: str, max_batch: int, dim: int) -> MeshSync:
-        self.mesh_sync = MeshSync(self.mesh, 0, self.plan.n_nodes, buffer_type, max_batch, dim)
+        self.mesh_sync = MeshSync(self.mesh, 0, self.plan.n_nodes, buffer_type, max_batch, dim, self.algorithm)
         return self.mesh_sync
 
     def wait_loaded(self) -> None:
@@ -146,7 +147,7 @@ class ClusterTransport:
             setup = p.Setup(session_id, index, self.names, [(int(k), v) for k, v in session.config.header_items()],
                             session.buffer_type, session.seq_len, session.max_batch, session.kv_storage,
                             self.timeout_ms, model_id, session.shares, session.slots,
-                            {name: t.label for name, t in session.config.tensor_types})
+                            {name: t.label for name, t in session.config.tensor_types}, self.algorithm)
             try:
                 p.send_frame(sock, setup.encode())
             except OSError as error:
@@ -212,7 +213,8 @@ class ClusterTransport:
             total = self.plan.node_weight_bytes(node)
             address = self.names[node]
             if self.cached[node]:
-                self.log(f"node {node} ({address}): {total / 2**20:.1f} MiB from its slice cache, nothing shipped")
+                self.log(f"node {node} ({address}): {total / 2**20:.1f} MiB read by the worker from its own disk "
+                         "(its --model-dir model file or --cache-dir slice cache), nothing shipped")
                 continue
             start = time.perf_counter()
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"weights -> node {node} {address}",

@@ -1,6 +1,7 @@
 """`dllama worker`: wait for a root, receive the plan and weight slices, follow its steps.
 
-A worker needs no model file. When its root goes away (finished or died) it frees everything
+A worker needs no model file; with `--model-dir` it reads its slices from its own copy of the
+root's model when it has one (cluster/model_dir.py). When its root goes away (finished or died) it frees everything
 and waits for the next one. Nothing a peer sends makes it exit: bytes that are not our
 protocol, a wrong version or a wrong secret are refused with a logged line. Every incoming
 connection is handshaken in a thread of its own with a deadline for the whole handshake
@@ -23,10 +24,11 @@ import numpy as np
 from dllama_py import _core
 from dllama_py.cluster import protocol as p
 from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh
+from dllama_py.cluster.model_dir import ModelDir, ModelDirError, config_key
 from dllama_py.cluster.slice_cache import EntryWriter, SliceCache, entry_key
 from dllama_py.engine.engine import MAX_SLOTS, known_available_memory, memory_shortfall
 from dllama_py.engine.exchange import Exchange, LogitsMode, Readout, Segment
-from dllama_py.engine.loader import choose_layout, prepare_weights
+from dllama_py.engine.loader import choose_layout, load_node_weights, prepare_weights
 from dllama_py.engine.transport import BUFFER_TYPES
 from dllama_py.model import kernels
 from dllama_py.model.config import FloatType, ModelConfig
@@ -330,8 +332,30 @@ def check_setup(setup: p.Setup) -> Plan:
     return plan
 
 
+def open_local_model(models: ModelDir, setup: p.Setup, plan: Plan):
+    """The root's model from this worker's --model-dir, opened as the root opened it, or None
+    (saying why in the log)."""
+    local = models.find(setup.model_id)
+    if local is None:
+        log(f"model dir: no model file in {models.dir} has the root's fingerprint {setup.model_id[:12]}; "
+            "the slices come from the root (or the slice cache)")
+        return None
+    try:
+        model = local.open()
+    except Exception as error:  # noqa: BLE001 - changed since it was fingerprinted: fall back to shipping
+        log(f"model dir: cannot open {local.path}: {error}; the slices come from the root")
+        return None
+    if config_key(model.config) != config_key(plan.config):
+        model.close()
+        log(f"model dir: {local.describe()} has the root's fingerprint but another config; the slices come "
+            "from the root")
+        return None
+    log(f"model dir: the root's model is {local.describe()}; reading this node's slices from it")
+    return model
+
+
 def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, secret: str | None,
-                spin_us: int, cache: SliceCache | None = None) -> None:
+                spin_us: int, cache: SliceCache | None = None, models: ModelDir | None = None) -> None:
     """Serve one root from setup to END (or until it goes away)."""
     try:
         plan = check_setup(setup)
@@ -341,9 +365,15 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     config = plan.config
     me = setup.node_index
     peers = connect_mesh(listener, conn, setup, secret)
-    key = entry_key(setup.model_id, plan, me) if cache is not None and setup.model_id else None
+    local = open_local_model(models, setup, plan) if models is not None and setup.model_id else None
+    key = entry_key(setup.model_id, plan, me) if cache is not None and setup.model_id and local is None else None
     cached = key is not None and cache.has(key, plan, me)
-    p.send_frame(conn, p.Ready(cached).encode())
+    try:
+        p.send_frame(conn, p.Ready(cached or local is not None).encode())
+    except BaseException:
+        if local is not None:
+            local.close()
+        raise
     fds = [-1] * plan.n_nodes
     names = list(setup.addresses)
     names[0] = f"root {conn.getpeername()[0]}"
@@ -354,9 +384,17 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
     forward = None
     busy = BusyResponder(listener, f"busy with root {conn_name(names[0])}")
     heartbeat = None
+    layout = choose_layout(config)
     try:
         start = time.perf_counter()
-        if cached:
+        if local is not None:  # cut and prepared as the root does its own slices
+            heartbeat = Heartbeat(mesh)
+            try:
+                weights = load_node_weights(local, plan, me, layout, progress=False)
+            finally:
+                local.close()
+            how = f"read {plan.node_weight_bytes(me) / 2**20:.1f} MiB of weights from {local.path}"
+        elif cached:
             heartbeat = Heartbeat(mesh)
             weights = cache.load(key, plan, me)
             how = f"read {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights from the cache"
@@ -377,9 +415,9 @@ def run_session(listener: socket.socket, conn: socket.socket, setup: p.Setup, se
                 store.commit()
             how = f"received {sum(w.nbytes for w in weights.values()) / 2**20:.1f} MiB of weights"
         log(f"{how} in {time.perf_counter() - start:.1f} s (node {me} of {plan.n_nodes})")
-        layout = choose_layout(config)
-        prepare_weights(weights, tensor_layouts(config, layout))
-        sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim)
+        if local is None:
+            prepare_weights(weights, tensor_layouts(config, layout))
+        sync = MeshSync(mesh, me, plan.n_nodes, setup.buffer_type, setup.max_batch, config.dim, setup.sync)
         forward = NodeForward(plan, me, weights, sync, setup.seq_len, setup.max_batch, setup.kv_storage, layout,
                               setup.slots)
         heartbeat.stop()
@@ -500,13 +538,20 @@ def reply(mesh: _core.Mesh, exchange: Exchange, segments: list[Segment], logits:
 
 
 def serve(host: str, port: int, threads: int | None, secret: str | None, once: bool = False,
-          cache_dir: str | None = None) -> int:
+          cache_dir: str | None = None, model_dir: str | None = None) -> int:
     """Listen on host:port and serve roots one after another; returns only with `once`."""
     try:
         spin_us = net_spin_us()
     except ValueError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    models = None
+    if model_dir is not None:
+        try:
+            models = ModelDir(model_dir, log=log)
+        except ModelDirError as error:
+            print(f"error: --model-dir: {error}", file=sys.stderr)
+            return 1
     cache = None
     if cache_dir is not None:
         try:
@@ -523,6 +568,11 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
         print(f"error: cannot listen on {host}:{port}: {getattr(error, 'strerror', None) or error}", file=sys.stderr)
         return 1
     speed = kernels.measure_matmul_speed()  # --shares auto weighs the nodes by it
+    if models is not None:
+        start = time.perf_counter()
+        found = models.scan()
+        log(f"model dir {models.dir}: {len({m.path for m in found})} model file(s), fingerprinted in "
+            f"{time.perf_counter() - start:.1f} s")
     log(f"listening on {host}:{port} with {kernels.get_num_threads()} thread(s), SIMD path {kernels.get_isa()}, "
         f"matmul speed {speed:.1f} GB/s of q40 weights" + (", secret required" if secret else "")
         + (f", slice cache in {cache.dir}" if cache else ""))
@@ -532,7 +582,7 @@ def serve(host: str, port: int, threads: int | None, secret: str | None, once: b
             conn, setup, who = reception.next_root(listener)
             log(f"root {who} connected: node {setup.node_index} of {len(setup.addresses)}")
             try:
-                run_session(listener, conn, setup, secret, spin_us, cache)
+                run_session(listener, conn, setup, secret, spin_us, cache, models)
                 log(f"root {who} finished; waiting for the next root")
             except (ConnectionError, OSError, ValueError, RuntimeError) as error:
                 log(f"session with root {who} ended: {error}; waiting for the next root")
