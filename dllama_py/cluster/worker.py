@@ -1,8 +1,8 @@
 """`dllama worker`: wait for a root, receive the plan and weight slices, follow its steps.
 
 A worker needs no model file; with `--model-dir` it reads its slices from its own copy of the
-root's model when it has one (cluster/model_dir.py). When its root goes away (finished or died) it frees everything
-and waits for the next one. Nothing a peer sends makes it exit: bytes that are not our
+root's model when it has one (cluster/model_dir.py). When its root goes away (finished or
+died) it frees everything and waits for the next one. Nothing a peer sends makes it exit: bytes that are not our
 protocol, a wrong version or a wrong secret are refused with a logged line. Every incoming
 connection is handshaken in a thread of its own with a deadline for the whole handshake
 (`Reception`), so strangers that connect and say nothing cannot keep a real root out.

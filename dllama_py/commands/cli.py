@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(worth it when the disk reads faster than the network; entries are folders "
                              "you may delete at any time; the oldest go first when the disk would keep "
                              "less than 5%% free)")
+    worker.add_argument("--model-dir", default=None, metavar="DIR",
+                        help="a folder of model files (.m, .gguf): when a root runs a model that is in DIR "
+                             "(the same fingerprint: config, file size and samples of every tensor), this "
+                             "worker reads its slices from its own copy and the root ships it nothing; "
+                             "otherwise they are shipped as usual (and --cache-dir applies). Files are "
+                             "fingerprinted at start and again only when they change; unreadable ones are "
+                             "skipped with a logged line")
 
     demo = sub.add_parser("demo", help="make a small random model and run it on two local nodes",
                           description="Make a small random Llama model, start one worker on 127.0.0.1 and run "
@@ -259,7 +266,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     check_threads(args.nthreads)
     check_port(args.port)
     secret = args.secret if args.secret is not None else os.environ.get("DLLAMA_SECRET")
-    return serve(args.host, args.port, args.nthreads, secret, once=args.once, cache_dir=args.cache_dir)
+    return serve(args.host, args.port, args.nthreads, secret, once=args.once, cache_dir=args.cache_dir,
+                 model_dir=args.model_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
