@@ -22,9 +22,9 @@ def test_impossible_node_count_is_refused_with_what_would_work(stories):
     model, tok = stories
     out = subprocess.run([sys.executable, "-m", "dllama_py.commands.cli", "inference", "--model", str(model), "--tokenizer",
                           str(tok), "--prompt", "x", "--steps", "1", "--workers"]
-                         + [f"127.0.0.1:{9000 + i}" for i in range(4)], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 1
-    assert "5 nodes" in out.stderr and "1, 2, 3, 4" in out.stderr and "Traceback" not in out.stderr
+                         + [f"127.0.0.1:{9000 + i}" for i in range(8)], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 1  # stories260K has 8 query heads: 9 nodes cannot each own one
+    assert "9 nodes" in out.stderr and "1, 2, 3, 4, 5, 6, 7, 8" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_the_fast_node_is_the_one_that_waits(tmp_path):

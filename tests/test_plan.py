@@ -92,9 +92,28 @@ def test_bad_shares_are_refused_with_the_reason(shares, message):
         Plan.make(llama(), 2, shares)
 
 
-def test_more_nodes_than_kv_heads_is_refused_with_the_counts_that_work():
-    with pytest.raises(PlanError, match="node counts that work: 1, 2, 3, 4"):
-        Plan.make(llama(n_kv_heads=4), 5)
+def test_more_nodes_than_query_heads_is_refused_with_the_counts_that_work():
+    with pytest.raises(PlanError, match="at least one query head and the model has 16"):
+        Plan.make(llama(n_kv_heads=4), 17)
+    # f32: any count up to the query heads; q40: wo's columns of a node must be whole blocks
+    # (head_dim 32: any), so here every count works too
+    with pytest.raises(PlanError, match="node counts that work: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16"):
+        Plan.make(llama(n_kv_heads=4), 17)
+
+
+@pytest.mark.parametrize("nodes", [5, 6, 8, 12, 16])
+def test_more_nodes_than_kv_heads_share_kv_heads_and_split_their_query_heads(nodes):
+    """Each node computes one KV head (wk, wv rows shared with the nodes beside it) and a part of
+    its query heads; every query head, feed-forward row and vocabulary row is held exactly once."""
+    config = llama(n_kv_heads=4)  # 16 query heads, 4 per KV head
+    plan = Plan.make(config, nodes)
+    groups = config.n_kv_groups
+    assert covered_once([(s.q_start, s.q_stop) for s in plan.nodes], config.n_heads)
+    for s in plan.nodes:
+        assert s.n_kv_heads == 1 and s.n_heads >= 1
+        assert s.q_start // groups == s.kv_start and (s.q_stop - 1) // groups == s.kv_start  # its own KV head's
+    assert {s.kv_start for s in plan.nodes} == set(range(config.n_kv_heads))  # every KV head is computed
+    assert covered_once([(s.ff_start, s.ff_stop) for s in plan.nodes], config.ff_dim, 32)
 
 
 def test_auto_shares_are_rounded_to_steady_5_percent_steps():

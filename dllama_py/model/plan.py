@@ -6,7 +6,8 @@ tests to check coverage; nothing else computes slice boundaries (docs/architectu
 How each tensor is split (by rows or columns, along which axis, whole or root only) is declared
 once, in structure.py; a plan says where every node's range along each axis lies (NodeSlice)
 and cuts tensors by that declaration. Feed-forward ranges are whole quantization blocks.
-Slices may be unequal: any N from 1 to n_kv_heads works when the block sizes allow it.
+Slices may be unequal: any N from 1 to n_heads works when the block sizes allow it (beyond
+n_kv_heads, nodes share KV heads and split their query heads).
 """
 
 from __future__ import annotations
@@ -71,8 +72,10 @@ def _split(total: int, parts: int, shares: Sequence[float] | None, unit: int = 1
 
 @dataclass(frozen=True)
 class NodeSlice:
-    """What node `index` holds: KV heads [kv_start, kv_stop), feed-forward rows [ff_start,
-    ff_stop) of every FFN, classifier rows [vocab_start, vocab_stop)."""
+    """What node `index` holds: KV heads [kv_start, kv_stop) and query heads [q_start, q_stop)
+    (the query heads of its KV heads: all of them, or with more nodes than KV heads a part of
+    one KV head's, that head computed by every node that shares it), feed-forward rows
+    [ff_start, ff_stop) of every FFN, classifier rows [vocab_start, vocab_stop)."""
 
     index: int
     kv_start: int
@@ -82,7 +85,8 @@ class NodeSlice:
     vocab_start: int
     vocab_stop: int
     head_dim: int
-    n_kv_groups: int
+    q_start: int
+    q_stop: int
 
     @property
     def n_kv_heads(self) -> int:
@@ -90,13 +94,12 @@ class NodeSlice:
 
     @property
     def n_heads(self) -> int:
-        return self.n_kv_heads * self.n_kv_groups
+        return self.q_stop - self.q_start
 
     @property
     def q_rows(self) -> tuple[int, int]:
         """Rows of wq (= columns of wo) this node holds."""
-        per_kv = self.n_kv_groups * self.head_dim
-        return self.kv_start * per_kv, self.kv_stop * per_kv
+        return self.q_start * self.head_dim, self.q_stop * self.head_dim
 
     @property
     def kv_rows(self) -> tuple[int, int]:
@@ -160,16 +163,16 @@ class Plan:
                 raise PlanError(f"--shares must be positive numbers, got {' '.join(f'{x:g}' for x in shares)}")
         problem = _problem(config, n_nodes, shares)
         if problem:
-            valid = [n for n in range(1, config.n_kv_heads + 1) if not _problem(config, n)]
+            valid = [n for n in range(1, config.n_heads + 1) if not _problem(config, n)]
             raise PlanError(f"cannot split this model over {n_nodes} nodes: {problem}; "
                             f"node counts that work: {', '.join(map(str, valid))}")
         ff_unit = BLOCK if config.weight_float_type.block_values > 1 else 1
-        kv = _split(config.n_kv_heads, n_nodes, shares)
+        kv, q = _head_ranges(config, n_nodes, shares)
         ff = _split(config.ff_dim, n_nodes, shares, ff_unit)
         vocab = _split(config.vocab_size, n_nodes, shares)
         nodes = tuple(
             NodeSlice(i, kv[i][0], kv[i][1], ff[i][0], ff[i][1], vocab[i][0], vocab[i][1],
-                      config.head_dim, config.n_kv_groups)
+                      config.head_dim, q[i][0], q[i][1])
             for i in range(n_nodes)
         )
         return Plan(config, nodes)
@@ -235,13 +238,12 @@ class Plan:
             where = "root" if s.index == 0 else "worker"
             if addresses and 0 < s.index < len(addresses):
                 where += f" {addresses[s.index]}"
-            q0, q1 = s.q_rows
             # The root reads embedding rows from the mapped file as tokens need them: not in RAM.
             embedding = self.embedding_bytes() if s.index == 0 else 0
             ram = self.node_weight_bytes(s.index) - embedding + self.node_kv_cache_bytes(s.index, seq_len) * slots
             lines.append(
                 f"  node {s.index} ({where}): KV heads {s.kv_start}-{s.kv_stop - 1}, "
-                f"query heads {q0 // c.head_dim}-{q1 // c.head_dim - 1}, "
+                f"query heads {s.q_start}-{s.q_stop - 1}, "
                 f"ff rows {s.ff_start}-{s.ff_stop - 1} ({s.ff_width}), "
                 f"vocab {s.vocab_start}-{s.vocab_stop - 1}, RAM {ram / 2**20:.1f} MiB"
                 + (f" (+ the {embedding / 2**20:.{0 if embedding >= 10 * 2**20 else 1}f} MiB embedding, "
@@ -294,18 +296,37 @@ def auto_shares(speeds: list[float], memories: list[int | None] | None = None, n
             for i in range(n)]
 
 
+def _head_ranges(config: ModelConfig, n_nodes: int, shares: Sequence[float] | None = None
+                 ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Every node's KV heads and query heads. Up to n_kv_heads nodes: whole KV heads each, with
+    their query heads. Beyond: every node one KV head, the nodes sharing a KV head (each computes
+    it: its wk and wv rows are small) splitting its query heads."""
+    groups = config.n_kv_groups
+    if n_nodes <= config.n_kv_heads:
+        kv = _split(config.n_kv_heads, n_nodes, shares)
+        return kv, [(a * groups, b * groups) for a, b in kv]
+    sharing = [stop - start for start, stop in split_evenly(n_nodes, config.n_kv_heads)]  # nodes per KV head
+    kv, q, node = [], [], 0
+    for head, count in enumerate(sharing):
+        part = None if shares is None else shares[node:node + count]
+        for a, b in _split(groups, count, part):
+            kv.append((head, head + 1))
+            q.append((head * groups + a, head * groups + b))
+        node += count
+    return kv, q
+
+
 def _problem(config: ModelConfig, n_nodes: int, shares: Sequence[float] | None = None) -> str | None:
     """Why `n_nodes` (with `shares`) cannot run `config`, or None when it can."""
     if n_nodes < 1:
         return "a cluster needs at least one node"
-    if n_nodes > config.n_kv_heads:
-        return f"every node must own at least one KV head and the model has {config.n_kv_heads}"
+    if n_nodes > config.n_heads:
+        return f"every node must own at least one query head and the model has {config.n_heads}"
     quantized = config.weight_float_type in (FloatType.Q40, FloatType.Q80)
     if quantized:
-        per_kv = config.n_kv_groups * config.head_dim
-        for start, stop in _split(config.n_kv_heads, n_nodes, shares):
-            if ((stop - start) * per_kv) % BLOCK:
-                return (f"a node's share of wo would be {(stop - start) * per_kv} columns, "
+        for start, stop in _head_ranges(config, n_nodes, shares)[1]:
+            if ((stop - start) * config.head_dim) % BLOCK:
+                return (f"a node's share of wo would be {(stop - start) * config.head_dim} columns, "
                         f"not a whole number of {BLOCK}-value blocks")
         if config.ff_dim // BLOCK < n_nodes:
             return f"the feed-forward width {config.ff_dim} has fewer {BLOCK}-value blocks than nodes"
