@@ -23,10 +23,12 @@ class WorkerProcess:
     """A `dllama worker` subprocess; its log lines are collected in `lines`."""
 
     def __init__(self, secret: str | None = None, threads: int = 1, extra: list[str] | None = None,
-                 extra_env: dict[str, str] | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+                 extra_env: dict[str, str] | None = None, port: int | None = None) -> None:
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         self.address = f"127.0.0.1:{self.port}"
         argv = [sys.executable, "-m", "dllama_py.commands.cli", "worker", "--host", "127.0.0.1", "--port", str(self.port),
                 "--nthreads", str(threads)] + (extra or [])

@@ -36,7 +36,7 @@ def test_killed_worker_is_reported_with_its_address_within_10_seconds(stories):
     model, tok = stories
     tokenizer = Tokenizer.load(tok)
     victim, other = WorkerProcess(), WorkerProcess()
-    engine = cluster_engine(model, [other.address, victim.address], threads=1, log=quiet, progress=False)
+    engine = cluster_engine(model, [other.address, victim.address], threads=1, log=quiet, progress=False, on_node_loss="stop")
     killed_at: list[float] = []
 
     def on_token(event) -> None:
@@ -59,7 +59,7 @@ def test_killed_worker_is_reported_with_its_address_within_10_seconds(stories):
     # the surviving worker goes back to waiting and serves the next root
     other.wait_for_line("waiting for the next root")
     assert other.alive()
-    again = cluster_engine(model, [other.address], threads=1, log=quiet, progress=False)
+    again = cluster_engine(model, [other.address], threads=1, log=quiet, progress=False, on_node_loss="stop")
     again.step([1, 403], 0, ARGMAX)
     assert again.argmax() == 407
     again.close()
@@ -69,7 +69,7 @@ def test_killed_worker_is_reported_with_its_address_within_10_seconds(stories):
 def test_frozen_worker_stops_the_root_within_10_seconds(stories):
     model, _ = stories
     worker = WorkerProcess()
-    engine = cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False)
+    engine = cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False, on_node_loss="stop")
     try:
         engine.step([1, 403], 0, ARGMAX)
         worker.proc.send_signal(signal.SIGSTOP)
@@ -92,7 +92,7 @@ def test_net_timeout_flag_sets_how_long_a_frozen_worker_is_waited_for(stories):
     try:
         root = subprocess.Popen([sys.executable, "-m", "dllama_py.commands.cli", "chat", "--model", str(model), "--tokenizer",
                                  str(tok), "--chat-template", "llama2", "--nthreads", "1", "--workers", worker.address,
-                                 "--net-timeout", "1.5"],
+                                 "--net-timeout", "1.5", "--on-node-loss", "stop"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 cwd=REPO)
         worker.wait_for_line("received")
@@ -207,7 +207,7 @@ def test_worker_that_dies_while_receiving_weights_is_named_with_the_tensor(stori
         thread.start()
         t0 = time.monotonic()
         with pytest.raises(EngineError) as error:
-            cluster_engine(model, [address], threads=1, log=quiet, progress=False)
+            cluster_engine(model, [address], threads=1, log=quiet, progress=False, on_node_loss="stop")
         assert time.monotonic() - t0 < 5
         thread.join(5)
     message = str(error.value)
@@ -233,7 +233,7 @@ def test_worker_that_freezes_after_its_weights_arrived_stops_the_root_within_the
         thread.start()
         t0 = time.monotonic()
         with pytest.raises(EngineError) as error:
-            cluster_engine(model, [address], threads=1, log=quiet, progress=False, timeout_ms=1500)
+            cluster_engine(model, [address], threads=1, log=quiet, progress=False, on_node_loss="stop", timeout_ms=1500)
         assert 1.4 < time.monotonic() - t0 < 5
     message = str(error.value)
     assert address in message and "load its weights" in message and "timeout" in message, message
@@ -296,7 +296,7 @@ def test_root_reports_the_reason_a_worker_refused(tmp_path):
     worker = WorkerProcess()
     try:
         with pytest.raises(EngineError) as error:
-            cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False, max_seq_len=1 << 28)
+            cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False, on_node_loss="stop", max_seq_len=1 << 28)
         message = str(error.value)
         assert worker.address in message and "cannot serve this model" in message, message
         assert "GiB available" in message and "--max-seq-len" in message, message
@@ -312,7 +312,7 @@ def test_unreachable_worker_is_named(stories):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(EngineError) as error:
-        cluster_engine(model, [f"127.0.0.1:{port}"], threads=1, log=quiet, progress=False)
+        cluster_engine(model, [f"127.0.0.1:{port}"], threads=1, log=quiet, progress=False, on_node_loss="stop")
     assert f"127.0.0.1:{port}" in str(error.value)
 
 
@@ -332,7 +332,7 @@ def test_a_root_that_dies_sends_its_workers_back_to_waiting(stories):
         worker.wait_for_line("waiting for the next root", timeout=10)
         assert time.monotonic() - killed < 10
         assert worker.alive()
-        engine = cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False)
+        engine = cluster_engine(model, [worker.address], threads=1, log=quiet, progress=False, on_node_loss="stop")
         engine.step([1, 403], 0, ARGMAX)
         assert engine.argmax() == 407
         engine.close()

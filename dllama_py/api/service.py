@@ -187,6 +187,7 @@ class GenerationService:
         self._waiting_count = 0  # jobs with choices not started yet (for /health)
         self._closing = threading.Event()
         self._reconnecting: threading.Thread | None = None
+        self._last_rejoin = 0.0  # when the idle loop last asked lost workers to come back
         self._thread = threading.Thread(target=self._serve_forever, name="dllama-generation", daemon=True)
         self._thread.start()
 
@@ -244,6 +245,10 @@ class GenerationService:
             return
         try:
             engine.check_alive()
+            now = time.monotonic()
+            if engine.lost and now - self._last_rejoin >= self._reconnect_interval_s:
+                self._last_rejoin = now
+                engine.rejoin()  # lost workers that answer again come back now, while nothing runs
         except EngineError as error:
             self._engine_failed(error)
 
@@ -499,13 +504,16 @@ class GenerationService:
         queue, counters."""
         available = self.available
         batcher = self.batcher
+        engine = self.engine
         in_use = len(batcher.running) if batcher is not None else 0
+        lost = list(engine.lost) if engine is not None else []
         return {
             "status": "ok" if available else "unavailable",
             "model": self.model_id,
             "model_loaded": available,
-            "nodes": self.nodes if available else None,
-            "workers": [{"address": a, "connected": available} for a in self.workers],
+            "nodes": engine.plan.n_nodes if available and engine is not None else None,
+            "workers": [{"address": a, "connected": available and a not in lost} for a in self.workers],
+            "lost_workers": lost,
             "context": self.seq_len,
             "error": None if available else self.last_error,
             "reconnect_attempts": self.reconnect_attempts,

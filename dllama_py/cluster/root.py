@@ -23,7 +23,7 @@ from dllama_py.cluster.mesh import MeshSync, net_spin_us, open_mesh, sync_algori
 from dllama_py.cluster.slice_cache import model_fingerprint
 from dllama_py.engine.engine import Engine, EngineError, default_buffer_type
 from dllama_py.engine.exchange import Segment
-from dllama_py.engine.transport import NodeReport, Session
+from dllama_py.engine.transport import NodeReport, Session, Transport
 from dllama_py.formats.model_file import ModelFile
 from dllama_py.model.config import ModelConfig
 from dllama_py.model.plan import Plan, cut_tensor
@@ -258,6 +258,45 @@ class ClusterTransport:
                 raise ConnectionError(f"the cluster failed: {error}") from None
             if gone:
                 raise ConnectionError(f"worker {self.names[node]} closed its connection while idle")
+
+    # ---- a node lost, a node back ---------------------------------------------------------
+    def survivors(self, error: ConnectionError) -> tuple[Transport, list[str]] | None:
+        """After the cluster failed: end this session and ask every worker whether it still
+        answers (a worker that just left the session may say busy for a moment: asked again until
+        the deadline). Returns a transport over the ones that do and the names of the others, or
+        None when every worker still answers (nothing to plan around)."""
+        if self.mesh is not None:
+            self.mesh.close()  # the workers that are alive see the session end and wait for a root again
+        deadline = time.monotonic() + max(10.0, 2 * self.timeout_ms / 1000)
+        alive = [address for address in self.addresses if self._answers(address, deadline)]
+        lost = [address for address in self.addresses if address not in alive]
+        if not lost:
+            return None
+        # with none left, the root alone (still a ClusterTransport: it knows how to ask the lost back)
+        return ClusterTransport(alive, self.secret, self.timeout_ms, self.log), lost
+
+    def with_workers(self, returning: list[str]) -> tuple[Transport, list[str]] | None:
+        """The workers of `returning` that answer again, with this transport's: a transport over
+        all of them (this session ended) and the names that came back; None if none answers."""
+        back = [address for address in returning if self._answers(address, time.monotonic())]
+        if not back:
+            return None
+        self.close()
+        return ClusterTransport(self.addresses + back, self.secret, self.timeout_ms, self.log), back
+
+    def _answers(self, address: str, deadline: float) -> bool:
+        """Whether the worker at `address` completes a handshake (then hung up on: it waits for the
+        next root), retrying a busy one until `deadline`."""
+        while True:
+            try:
+                sock, _, _ = self._handshake(address, self.secret, {})
+            except EngineError as error:
+                if "is busy with another root" in str(error) and time.monotonic() < deadline:
+                    time.sleep(0.2)
+                    continue
+                return False
+            sock.close()
+            return True
 
     def close(self) -> None:
         """End the session on every worker and wait (briefly) until each has closed its side, so

@@ -52,6 +52,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --workers: seconds any node waits for a silent peer before the cluster stops "
                         "with an error naming it (default 8); raise it for nodes so slow that one layer of a "
                         "prompt batch takes longer")
+    p.add_argument("--on-node-loss", choices=("replan", "stop"), default="replan",
+                   help="with --workers: when a worker dies or stops answering, 'replan' (default) names it, "
+                        "plans the model onto the nodes left (if their RAM holds it), ships their slices again, "
+                        "evaluates every sequence so far again and carries on (dllama-api takes the worker back "
+                        "when it answers again, while idle); 'stop' ends with an error naming it")
     p.add_argument("--shares", nargs="+", default=None, metavar="S",
                    help="with --workers: each node's relative share of every layer, root first (default: "
                         "equal), e.g. --shares 2 1 1 gives the root half of the heads, feed-forward rows "
@@ -152,7 +157,7 @@ def make_engine(args: argparse.Namespace, log: Callable[[str], None]):  # -> Eng
                           buffer_type=args.buffer_float_type, max_seq_len=args.max_seq_len,
                           kv_storage=args.kv_cache_storage, max_batch=args.nbatches,
                           mmap_weights=args.mmap_weights, shares=shares, slots=getattr(args, "parallel", 1) or "auto",
-                          weight_type=args.weight_type, **extra)
+                          weight_type=args.weight_type, on_node_loss=args.on_node_loss, **extra)
 
 
 def check_vocab(engine, tokenizer) -> None:

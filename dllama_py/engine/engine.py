@@ -129,6 +129,7 @@ def choose_seq_len(config: ModelConfig, plan: Plan, requested: int | None, node:
     return seq_len, None
 
 
+ON_NODE_LOSS = ("replan", "stop")  # continue on the remaining nodes, or stop with an error naming the node
 AUTO_SLOTS = (4, 8)  # slots="auto": at least 4 (the context shortens to fit them), at most 8
 
 
@@ -185,46 +186,62 @@ class Engine:
                  threads: int | None = None, buffer_type: str | None = None, max_seq_len: int | None = None,
                  kv_storage: str = "ram", max_batch: int = 32, mmap_weights: bool = False,
                  shares: list[float] | str | None = None, log: Callable[[str], None] | None = None,
-                 progress: bool = True, slots: int | str = 1, weight_type: str | None = None) -> None:
+                 progress: bool = True, slots: int | str = 1, weight_type: str | None = None,
+                 on_node_loss: str = "replan") -> None:
         self.transport = transport if transport is not None else Loopback()
         self.log = log or (lambda message: None)
         self.model = open_model(model_path, weight_type, self.log)
-        self.config = c = self.model.config
-        self.buffer_type = buffer_type or self.transport.default_buffer_type(c)
+        self.config = self.model.config
+        self.buffer_type = buffer_type or self.transport.default_buffer_type(self.config)
         if self.buffer_type not in BUFFER_TYPES:
             raise EngineError(f"--buffer-float-type must be one of {', '.join(BUFFER_TYPES)}")
+        if on_node_loss not in ON_NODE_LOSS:
+            raise EngineError(f"--on-node-loss must be one of {', '.join(ON_NODE_LOSS)}, got {on_node_loss!r}")
         if threads is not None:
             kernels.set_num_threads(threads)
+        self.max_batch = max_batch
+        if slots != "auto" and not 1 <= slots <= MAX_SLOTS:
+            raise EngineError(f"the number of KV-cache slots must lie in 1..{MAX_SLOTS}, got {slots}")
+        self.on_node_loss = on_node_loss
+        self._options = dict(max_seq_len=max_seq_len, kv_storage=kv_storage, mmap_weights=mmap_weights,
+                             progress=progress)
+        self.forward: NodeForward | None = None
+        self._start(shares, slots)
+        self.history: list[list[int]] = [[] for _ in range(self.slots)]  # the tokens each KV slot holds
+        self.lost: list[str] = []  # workers lost and planned around (they rejoin when they answer again)
+
+    def _start(self, shares: list[float] | str | None, slots: int | str) -> None:
+        """Plan, connect, ship the slices and load this node's own: everything that depends on
+        the nodes (at construction, and again after a node is lost or comes back)."""
+        c, o = self.config, self._options
         n_nodes = len(self.transport.names)
         auto = shares == "auto"
         try:
             plan = Plan.make(c, n_nodes, None if auto else shares)  # refuses a bad count before connecting
         except PlanError as error:
             raise EngineError(str(error)) from None
-        self.max_batch = max_batch
-        if slots != "auto" and not 1 <= slots <= MAX_SLOTS:
-            raise EngineError(f"the number of KV-cache slots must lie in 1..{MAX_SLOTS}, got {slots}")
-        self.forward: NodeForward | None = None
         try:
             reports = self.transport.connect()
             if auto:
-                shares = self._auto_shares(plan, reports, max_seq_len)
+                shares = self._auto_shares(plan, reports, o["max_seq_len"])
                 plan = Plan.make(c, n_nodes, shares)
             if slots == "auto":
-                slots, why = auto_slots(c, plan, max_seq_len, [known_available_memory()] + [r.memory for r in reports])
+                slots, why = auto_slots(c, plan, o["max_seq_len"],
+                                        [known_available_memory()] + [r.memory for r in reports])
                 self.log(why)
             self.slots = slots
             self.plan = plan
-            self.seq_len, note = choose_seq_len(c, plan, max_seq_len, slots=slots)
+            self.seq_len, note = choose_seq_len(c, plan, o["max_seq_len"], slots=slots)
             self.log(plan.describe(self.seq_len, self.transport.names, slots))
             session = Session(c, list(shares) if shares is not None else None, self.buffer_type, self.seq_len,
-                              max_batch, kv_storage, slots)
-            self.transport.start(session, plan, self.model, progress)
-            layout = choose_layout(c, mmap_weights)
-            weights = load_node_weights(self.model, plan, 0, layout, mmap_weights, progress)
-            sync = self.transport.sync(self.buffer_type, max_batch, c.dim)
-            self.forward = NodeForward(plan, 0, weights, sync, self.seq_len, max_batch, kv_storage, layout, slots)
-            if not mmap_weights:
+                              self.max_batch, o["kv_storage"], slots)
+            self.transport.start(session, plan, self.model, o["progress"])
+            layout = choose_layout(c, o["mmap_weights"])
+            weights = load_node_weights(self.model, plan, 0, layout, o["mmap_weights"], o["progress"])
+            sync = self.transport.sync(self.buffer_type, self.max_batch, c.dim)
+            self.forward = NodeForward(plan, 0, weights, sync, self.seq_len, self.max_batch, o["kv_storage"], layout,
+                                       slots)
+            if not o["mmap_weights"]:
                 self.model.release()  # the weights were copied (or regrouped) out of the mapping
             self.transport.wait_loaded()
         except PlanError as error:
@@ -238,7 +255,7 @@ class Engine:
             raise
         self.layout = layout
         self.exchange = Exchange(plan, 0)
-        self.x = np.zeros((max_batch, c.dim), dtype=np.float32)
+        self.x = np.zeros((self.max_batch, c.dim), dtype=np.float32)
         self._local: np.ndarray | None = None  # this node's logits slice of the last step
         self._segments: list[Segment] = []  # the last step's segments
         self._collected: list[Collected] = []  # what the root made of each segment's logits
@@ -247,6 +264,56 @@ class Engine:
         self.info = EngineInfo(plan.n_nodes, plan.describe(self.seq_len, self.transport.names, slots),
                                c.weight_float_type.label, self.buffer_type, self.seq_len,
                                kernels.get_num_threads(), [note] if note else [])
+
+    # ---- a node lost, a node back -----------------------------------------------------------
+    def _replan(self, transport: Transport, why: str) -> None:
+        """Run on `transport`'s nodes from here on: the same slots and context (shorter only if
+        memory says so), the slices planned and shipped again, and every slot's tokens evaluated
+        again so that its sequence continues as if nothing happened."""
+        seq_len = self.seq_len
+        if self.forward is not None:
+            self.forward.close()
+            self.forward = None
+        self.transport = transport
+        self.log(why)
+        self._options["max_seq_len"] = seq_len
+        self._start(None, self.slots)
+        if self.seq_len < max((len(h) for h in self.history), default=0):
+            raise EngineError(f"the remaining nodes hold a context of {self.seq_len} tokens, less than the "
+                              "sequences so far")
+        for slot, tokens in enumerate(self.history):
+            for pos in range(0, len(tokens), self.max_batch):
+                self._step_once([(slot, pos, tokens[pos:pos + self.max_batch], NO_LOGITS)])
+
+    def _recover(self, error: ConnectionError) -> bool:
+        """After a failed step: find the workers that no longer answer, plan around them and
+        replay every slot (True); False when nothing was lost that re-planning can route around."""
+        survivors = getattr(self.transport, "survivors", None)
+        if self.on_node_loss != "replan" or survivors is None:
+            return False
+        found = survivors(error)
+        if found is None:
+            return False
+        transport, lost = found
+        self.lost += [name for name in lost if name not in self.lost]
+        self._replan(transport, f"lost node{'s' if len(lost) > 1 else ''} {', '.join(lost)} ({error}); "
+                                f"continuing on {len(transport.names)} node(s)")
+        return True
+
+    def rejoin(self) -> bool:
+        """Bring back lost workers that answer again (call it while idle: the slots are evaluated
+        again, prefix caches included). True when the cluster grew."""
+        back = getattr(self.transport, "with_workers", None)
+        if not self.lost or back is None:
+            return False
+        found = back(self.lost)
+        if found is None:
+            return False
+        transport, returned = found
+        self.lost = [name for name in self.lost if name not in returned]
+        self._replan(transport, f"node{'s' if len(returned) > 1 else ''} {', '.join(returned)} back; "
+                                f"continuing on {len(transport.names)} node(s)")
+        return True
 
     def _auto_shares(self, plan: Plan, reports: list[NodeReport], max_seq_len: int | None) -> list[float]:
         """Every node's share in proportion to how fast it runs the decoding matmul, within what
@@ -294,13 +361,38 @@ class Engine:
             raise EngineError(f"cannot copy KV slot {source} to {target} (this engine has {self.slots})")
         if not 0 <= length <= self.seq_len:
             raise EngineError(f"cannot copy {length} positions of a {self.seq_len}-position context")
-        self.transport.send_copy(source, target, length)
+        self.history[target] = self.history[source][:length]
+        try:
+            self.transport.send_copy(source, target, length)
+        except ConnectionError as error:  # a re-plan evaluates every slot's tokens again, the copy's included
+            if not self._recover(error):
+                raise EngineError(f"the cluster failed: {error}") from None
+            return
         self.forward.cache.copy(source, target, length)
 
     def step_batch(self, sequences: list[tuple[int, int, list[int], Readout]]) -> StepStats:
         """One step over the rows of several sequences, each (KV slot, first position, tokens,
         readout): the weights are read once for all of them (continuous batching). Each
-        sequence's logits are then read by its index in `sequences` (next_token, logits...)."""
+        sequence's logits are then read by its index in `sequences` (next_token, logits...).
+        When a worker is lost (on_node_loss "replan"), the engine continues on the others and
+        runs the step again there (`_recover`)."""
+        for _ in range(len(self.transport.names)):
+            try:
+                stats = self._step_once(sequences)
+                break
+            except ConnectionError as error:
+                if not self._recover(error):
+                    raise EngineError(f"the cluster failed: {error}") from None
+        else:
+            raise EngineError("the cluster failed again after every re-plan")
+        for slot, pos, tokens, _ in sequences:
+            held = self.history[slot]
+            del held[pos:]
+            held.extend([0] * (pos - len(held)) + list(tokens))  # positions never written hold anything
+        return stats
+
+    def _step_once(self, sequences: list[tuple[int, int, list[int], Readout]]) -> StepStats:
+        """step_batch on the nodes as they are; ConnectionError when the cluster fails."""
         start = time.perf_counter()
         segments = [Segment(slot, pos, len(tokens), readout) for slot, pos, tokens, readout in sequences]
         B = sum(seg.rows for seg in segments)
@@ -320,15 +412,12 @@ class Engine:
         ids = [t for _, _, tokens, _ in sequences for t in tokens]
         self.model.embed(ids, x)
         self._segments, self._collected = segments, [Collected() for _ in segments]
-        try:
-            self.transport.send_step(segments, x)
-            self._local = self.forward.forward(x, segments)
-            gather_start = time.perf_counter()
-            if any(seg.readout.mode != LogitsMode.NONE for seg in segments):
-                self._collect(segments)
-            gather_s = time.perf_counter() - gather_start if self.plan.n_nodes > 1 else 0.0
-        except ConnectionError as error:
-            raise EngineError(f"the cluster failed: {error}") from None
+        self.transport.send_step(segments, x)
+        self._local = self.forward.forward(x, segments)
+        gather_start = time.perf_counter()
+        if any(seg.readout.mode != LogitsMode.NONE for seg in segments):
+            self._collect(segments)
+        gather_s = time.perf_counter() - gather_start if self.plan.n_nodes > 1 else 0.0
         elapsed = time.perf_counter() - start
         sent, received, sync = self.transport.counters()
         sync_s = sync - sync0 + gather_s
@@ -432,11 +521,13 @@ class Engine:
         return TokenLogprobs(token, float(row[token] - log_z), [(int(i), float(row[i] - log_z)) for i in order])
 
     def check_alive(self) -> None:
-        """Between steps: raise EngineError naming a worker that went away (died or restarted)."""
+        """Between steps: notice a worker that went away (died or restarted): plan around it, or
+        (on_node_loss "stop") raise EngineError naming it."""
         try:
             self.transport.check_alive()
         except ConnectionError as error:
-            raise EngineError(str(error)) from None
+            if not self._recover(error):  # on_node_loss "replan": carry on without it
+                raise EngineError(str(error)) from None
 
     def __enter__(self) -> Engine:
         return self
