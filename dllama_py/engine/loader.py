@@ -65,10 +65,12 @@ def load_node_weights(model: ModelFile, plan: Plan, node: int, layout: WeightLay
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", leave=False,
               disable=not progress or mapped or total < (256 << 20)) as bar:
         for tensor in tensors:
-            part = cut_tensor(tensor.data, tensor.float_type, plan.cut(tensor.name, node))
+            data = tensor.data
+            part = cut_tensor(data, tensor.float_type, plan.cut(tensor.name, node))
             if not mapped and not (layout == WeightLayout.Q40X16 and tensor.float_type == FloatType.Q40) \
-                    and (part.base is not None or not part.flags.writeable):
-                part = np.array(part)  # a copy of the file's bytes; regrouping copies by itself
+                    and (not part.flags.writeable or (part.base is not None and part.nbytes < data.nbytes)):
+                part = np.array(part)  # a copy of the file's bytes (regrouping copies by itself), or of a
+                #                        part of a tensor built while loading (a view would keep all of it)
             out[tensor.name] = prepare_tensor(part, layouts[tensor.name])
             if not mapped:
                 model.release(tensor.name)  # this tensor's pages of the file are no longer needed
