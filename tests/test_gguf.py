@@ -145,11 +145,12 @@ def test_requantized_weights_equal_gguf_py_dequantized_then_quantized(testdata):
         assert seen == {"Q4_K", "Q6_K"}
 
 
-@pytest.mark.parametrize("name,nodes,tolerance", [("stories260K-f16", 3, 1e-5), ("llama-spm-q4_0", 2, 2e-2),
-                                                    ("qwen3-q4_k_m", 2, 2e-2)])
+@pytest.mark.parametrize("name,nodes,tolerance", [("stories260K-f16", 2, 1e-5), ("stories260K-f16", 3, 1e-5),
+                                                    ("llama-spm-q4_0", 2, 2e-2), ("llama-spm-q4_0", 3, 2e-2),
+                                                    ("qwen3-q4_k_m", 2, 2e-2), ("qwen3-q4_k_m", 3, 2e-2)])
 def test_gguf_on_a_cluster_equals_one_node(testdata, workers, name, nodes, tolerance):
     """The root reads the GGUF and ships slices (with the per-matrix types); with f32 buffers the
-    cluster computes what one node does. The nodes add partial sums in another order, and with
+    cluster computes what one node does (3 nodes of the 2-KV-head models: two share a KV head). The nodes add partial sums in another order, and with
     quantized weights a last-bit difference can flip the q80 rounding of an activation, which
     these random sharp-logit models amplify (measured: up to 1.1% of the largest logit from the
     fifth row on, the first rows bit-equal): quantized files get a tolerance of 2% of it."""
@@ -291,7 +292,8 @@ def test_convert_gguf_writes_a_model_that_runs_as_the_gguf_does(testdata, tmp_pa
 
 
 # ---- architectures the reference files do not cover: GGUFs written here with gguf-py ------------
-def write_pair(tmp_path: Path, config, gguf_arch: str, rope_freqs: np.ndarray | None = None) -> tuple[Path, Path]:
+def write_pair(tmp_path: Path, config, gguf_arch: str, rope_freqs: np.ndarray | None = None,
+               replace: dict[str, np.ndarray] | None = None) -> tuple[Path, Path]:
     """The same random f32 weights as a .m (this project's writer) and as a GGUF (llama.cpp's
     gguf-py writer, llama.cpp's tensor names and keys)."""
     import gguf
@@ -323,7 +325,8 @@ def write_pair(tmp_path: Path, config, gguf_arch: str, rope_freqs: np.ndarray | 
         w.add_expert_count(config.n_experts)
         w.add_expert_used_count(config.n_active_experts)
         w.add_expert_feed_forward_length(config.moe_hidden_dim)
-    w.add_tensor("token_embd.weight", weights["embedding"])
+    replace = replace or {}
+    w.add_tensor("token_embd.weight", replace.get("token_embd.weight", weights["embedding"]))
     w.add_tensor("output_norm.weight", weights["final_norm"].reshape(-1))
     w.add_tensor("output.weight", weights["classifier"])
     if rope_freqs is not None:
@@ -435,3 +438,14 @@ def test_perplexity_of_the_gguf_equals_the_dot_m(testdata, stories):
         results.append(ppl.perplexity(engine, ids, 64, tokenizer.bos_id).perplexity)
         engine.close()
     assert results[0] == pytest.approx(results[1], rel=1e-6) and results[0] < 10
+
+
+def test_a_tensor_of_a_type_that_holds_no_weights_is_named(tmp_path):
+    from dllama_py.model.config import ArchType, ModelConfig
+
+    config = ModelConfig(arch=ArchType.LLAMA, dim=64, hidden_dim=96, n_layers=1, n_heads=2, n_kv_heads=1,
+                         vocab_size=32, max_seq_len=32, weight_float_type=FloatType.F32)
+    _, g_path = write_pair(tmp_path, config, "llama",
+                           replace={"token_embd.weight": np.zeros((32, 64), dtype=np.int32)})
+    with pytest.raises(GGUFError, match="token_embd.weight has type I32, which this engine cannot read"):
+        GGUFModel(g_path)

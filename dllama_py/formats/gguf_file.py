@@ -240,6 +240,16 @@ def dequantize_rows(raw: np.ndarray, ggml_type: int, cols: int) -> np.ndarray:
     return dequantize(raw, GGMLQuantizationType(ggml_type)).astype(np.float32, copy=False).reshape(-1, cols)
 
 
+def readable(ggml_type: int) -> bool:
+    """Whether dequantize_rows can read this type (natively, or with gguf-py's numpy code)."""
+    if ggml_type in (F32, F16, BF16, Q4_0, Q8_0, 12, 13, 14):
+        return True
+    from gguf import GGMLQuantizationType
+    from gguf.quants import _type_traits
+
+    return GGMLQuantizationType(ggml_type) in _type_traits
+
+
 # ---- the model ---------------------------------------------------------------------------------
 ARCHS = {"llama": ArchType.LLAMA, "qwen3": ArchType.QWEN3, "qwen3moe": ArchType.QWEN3_MOE}
 GGUF_NAMES = {  # this project's role -> llama.cpp's tensor name in block i
@@ -457,8 +467,9 @@ class GGUFModel:
             if info.dims != want:
                 raise GGUFError(f"{self.path}: tensor {file_name} has dimensions {list(info.dims)}, the metadata "
                                 f"implies {list(want)}")
-            if info.type_name in NOT_WEIGHTS:
-                raise GGUFError(f"{self.path}: tensor {file_name} has type {info.type_name}, not a weight type")
+            if info.type_name in NOT_WEIGHTS or not readable(info.ggml_type):
+                raise GGUFError(f"{self.path}: tensor {file_name} has type {info.type_name}, which this engine "
+                                "cannot read (supported: F32, F16, BF16, Q4_0..Q8_0, the K-quants, IQ types)")
             out[name] = Source(info, expert)
         return out
 
