@@ -71,6 +71,6 @@ def test_a_directory_given_as_a_file_says_it_is_a_directory(stories, tmp_path, c
     code = main(["inference", "--model", paths["--model"], "--tokenizer", paths["--tokenizer"], "--prompt", "Once",
                  "--steps", "1", "--nthreads", "1"])
     assert code == 1
-    kind = ".m" if flag == "--model" else ".t"
+    kind = ".m or .gguf" if flag == "--model" else ".t"
     assert capsys.readouterr().err == f"error: {flag} {tmp_path} is a directory; give the {kind} file itself\n"
 
