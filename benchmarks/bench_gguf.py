@@ -470,8 +470,9 @@ def scored_log_probs(engine, ids: list[int], ctx: int, bos_id: int | None) -> tu
 
 
 def part_ppl(args: argparse.Namespace) -> dict:
+    from dllama_py.converter.gguf_tokenizer import read_tokenizer
+
     from dllama_py.engine.engine import Engine
-    from dllama_py.formats.gguf_file import read_tokenizer
     from dllama_py.generation import perplexity as ppl
 
     PPL_DIR.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ The `.m` format holds every matrix in one type (`--weight-type`, default the typ
 GGUF's matrices are used in: q40 for a Q4_0 or Q4_K_M file, f16 for an F16 one); matrices in
 another type are converted, K-quants requantized (formats/gguf_file.py says how). The embedding
 and norms are written as f32, as distributed-llama's converter does. The `.t` holds the GGUF's
-vocabulary, BOS/EOS and chat template (formats/gguf_tokenizer.py). Both files are what
+vocabulary, BOS/EOS and chat template (converter/gguf_tokenizer.py). Both files are what
 distributed-llama itself reads.
 """
 
@@ -19,10 +19,10 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+from dllama_py.converter.gguf_tokenizer import tokenizer_file_from_gguf
 from dllama_py.converter.tokenizer_sources import SourceError
 
 from dllama_py.formats.gguf_file import DIRECT, GGUFModel
-from dllama_py.formats.gguf_tokenizer import tokenizer_file_from_gguf
 from dllama_py.formats.model_file import ModelFormatError, ModelWriter
 from dllama_py.formats.tokenizer_file import write_tokenizer_file
 from dllama_py.model.config import FloatType

@@ -405,7 +405,8 @@ def test_llama3_rope_scaling_from_rope_freqs(tmp_path):
 @pytest.mark.parametrize("nodes", [1, 2, 3])
 def test_stories260k_gguf_gives_llama2c_text_on_any_node_count(testdata, workers, reference, nodes):
     """llama.cpp's F32 stories260K GGUF, its tokenizer from the metadata: llama2.c's greedy text."""
-    from dllama_py.formats.gguf_file import read_tokenizer
+    from dllama_py.converter.gguf_tokenizer import read_tokenizer
+
     from dllama_py.generation.generator import Generator
 
     path = model_path(testdata, "stories260K")
@@ -426,7 +427,8 @@ def test_stories260k_gguf_gives_llama2c_text_on_any_node_count(testdata, workers
 def test_perplexity_of_the_gguf_equals_the_dot_m(testdata, stories):
     """The same weights (F32 GGUF and converted .m): the same perplexity, so dllama perplexity
     measures GGUF files as it does .m ones (tests/test_perplexity.py checks it against transformers)."""
-    from dllama_py.formats.gguf_file import read_tokenizer
+    from dllama_py.converter.gguf_tokenizer import read_tokenizer
+
     from dllama_py.generation import perplexity as ppl
 
     text = (Path(__file__).parent / "data" / "perplexity_story.txt").read_text()

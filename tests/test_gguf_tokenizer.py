@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 from dllama_py.converter.convert_tokenizer import convert
+from dllama_py.converter.gguf_tokenizer import tokenizer_file_from_gguf
 from dllama_py.converter.tokenizer_sources import SourceError, gpt2_unicode_to_byte
 
-from dllama_py.formats.gguf_tokenizer import tokenizer_file_from_gguf
 from dllama_py.formats.tokenizer_file import TokenizerFile
 from dllama_py.text.tokenizer import Tokenizer
 

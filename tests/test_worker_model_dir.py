@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from cluster_helpers import REPO, WorkerProcess
+from dllama_py.converter.gguf_tokenizer import read_tokenizer
 
 from dllama_py.cluster import model_dir
 from dllama_py.cluster.model_dir import ModelDir, ModelDirError
@@ -24,7 +25,6 @@ from dllama_py.cluster.slice_cache import model_fingerprint
 from dllama_py.engine.engine import open_model
 from dllama_py.engine.exchange import ALL_ROWS
 from dllama_py.engine.sampler import Sampler
-from dllama_py.formats.gguf_file import read_tokenizer
 from dllama_py.formats.model_file import read_model
 from dllama_py.generation.generator import Generator
 from dllama_py.text.tokenizer import Tokenizer

@@ -114,8 +114,9 @@ def model_tokenizer(args: argparse.Namespace):  # -> Tokenizer
     """--tokenizer, or the tokenizer a GGUF --model carries."""
     if args.tokenizer is not None:
         return load_tokenizer(args.tokenizer)
+    from dllama_py.converter.gguf_tokenizer import read_tokenizer
     from dllama_py.converter.tokenizer_sources import SourceError
-    from dllama_py.formats.gguf_file import is_gguf, read_tokenizer
+    from dllama_py.formats.gguf_file import is_gguf
 
     model = Path(args.model)
     if not model.is_file():

@@ -564,15 +564,6 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, object]:
             return parse_header(data, Path(path)).metadata
 
 
-def read_tokenizer(path: str | os.PathLike[str]):  # -> tuple[Tokenizer, list[str]]
-    """The tokenizer a GGUF file carries in its metadata, with the warnings about it."""
-    from dllama_py.formats.gguf_tokenizer import tokenizer_file_from_gguf
-    from dllama_py.text.tokenizer import Tokenizer
-
-    tokenizer_file, warnings = tokenizer_file_from_gguf(read_metadata(path), str(path))
-    return Tokenizer(tokenizer_file), warnings
-
-
 def is_gguf(path: str | os.PathLike[str]) -> bool:
     """Whether the file starts with GGUF's magic."""
     with open(path, "rb") as file:

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from dllama_py.converter.convert_tokenizer import (
     builtin_chat_template,
@@ -44,6 +45,7 @@ from dllama_py.converter.sentencepiece_model import (
     SentencePieceModel,
 )
 from dllama_py.converter.tokenizer_sources import SourceError, TokenizerSource, from_hf_bpe, from_sentencepiece
+
 from dllama_py.formats.tokenizer_file import TokenizerFile
 from dllama_py.text.tokenizer_kind import KIND_LLAMA3, KIND_QWEN2, KIND_SENTENCEPIECE, infer_spec
 
@@ -301,3 +303,12 @@ def _check_kind(keys: _Keys, tokenizer_file: TokenizerFile, model: str, warnings
             f"{where}: tokenizer.ggml.pre '{pre}' needs the '{PRE_TOKENIZER_KINDS[pre]}' rules but the "
             f"vocabulary reads as '{spec.kind}' (digit tokens); encodings may differ from llama.cpp"
         )
+
+
+def read_tokenizer(path: str | Path):  # -> tuple[Tokenizer, list[str]]
+    """The tokenizer a GGUF file carries in its metadata, with the warnings about it."""
+    from dllama_py.formats.gguf_file import read_metadata
+    from dllama_py.text.tokenizer import Tokenizer
+
+    tokenizer_file, warnings = tokenizer_file_from_gguf(read_metadata(path), str(path))
+    return Tokenizer(tokenizer_file), warnings
